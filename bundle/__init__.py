@@ -1,0 +1,1 @@
+"""SAM-UNet MONAI bundle: network, transforms, data, engines and inferers that the configs instantiate."""

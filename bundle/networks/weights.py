@@ -1,0 +1,217 @@
+"""Loading weights into SAMUNet: the bundle's own checkpoints and explicit conversion of external formats.
+
+Every file is read with ``torch.load(weights_only=True)`` and a ``map_location``. Supported formats:
+
+- ``bundle``: ``{"model": state_dict}`` written by this bundle (or a bare state dict with the same keys);
+- ``sam``: the official Segment Anything ViT-B file (``sam_vit_b_01ec64.pth``, trained at 1024);
+- ``sam_unet_reference``: checkpoints of the reference SAM-UNet code (``image_encoder.sam_img_encoder.*``, ...);
+- ``torchvision_resnet``: torchvision ImageNet ResNet34/50 state dicts, loaded into the conv branch.
+
+Keys that a format carries but SAM-UNet does not use (SAM's extra mask tokens, IoU head, hypernetworks) are dropped
+by name; any other unknown key or shape mismatch is an error naming the key, so a checkpoint of the wrong
+architecture never loads silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("bundle", "sam", "sam_unet_reference", "torchvision_resnet")
+# SAM decoder parts that SAM-UNet's med-token decoder replaces
+SAM_DECODER_HEADS = ("mask_decoder.iou_token.", "mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.")
+
+
+@dataclass
+class LoadReport:
+    """What a load did: keys loaded, keys the model kept at their initial values, keys in the file that were dropped."""
+
+    source_format: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per category, naming at most 10 keys each."""
+
+        def names(keys):
+            return ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+
+        lines = [f"format {self.source_format}: {len(self.loaded)} tensors loaded"]
+        if self.missing:
+            lines.append(f"not in the file (kept as initialised): {names(self.missing)}")
+        if self.dropped:
+            lines.append(f"in the file but unused by this model: {names(self.dropped)}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely (tensors only) and return its state dict (``model`` / ``state_dict`` unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled Python objects besides tensors (for example a saved optimizer), so it cannot be "
+            "loaded safely with weights_only=True. If you trust the file, extract its weights once with "
+            f"`python scripts/convert_checkpoint.py --trust-pickle {path} OUT.pt`.\nDetail: {str(error).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict"):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} does not contain a state dict of tensors (top-level type {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def detect_format(state: dict[str, torch.Tensor]) -> str:
+    """Guess the checkpoint format from its key names."""
+    keys = list(state)
+    if any(k.startswith("image_encoder.sam_img_encoder.") for k in keys):
+        return "sam_unet_reference"
+    if "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
+        return "torchvision_resnet"
+    if any(k.startswith(SAM_DECODER_HEADS) for k in keys) and not any(k.startswith("conv_branch.") for k in keys):
+        return "sam"
+    return "bundle"
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Bilinearly resize a ``[1, g, g, C]`` absolute position embedding to ``[1, grid, grid, C]``."""
+    if pos_embed.shape[1] == grid:
+        return pos_embed
+    resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), (grid, grid), mode="bilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
+
+
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Bilinearly resize a ``[L, C]`` relative position table to ``[length, C]``."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    resized = F.interpolate(rel_pos[None, None].float(), (length, rel_pos.shape[1]), mode="bilinear", align_corners=False)
+    return resized[0, 0].to(rel_pos.dtype)
+
+
+def _fit_vit_positions(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Interpolate the ViT's absolute and (global blocks') relative positions to the model's image size."""
+    out = dict(state)
+    for key, value in state.items():
+        if key not in target or target[key].shape == value.shape:
+            continue
+        if key.endswith("pos_embed") and value.ndim == 4:
+            out[key] = resize_pos_embed(value, target[key].shape[1])
+        elif re.search(r"\.attn\.rel_pos_[hw]$", key):
+            out[key] = resize_rel_pos(value, target[key].shape[0])
+    return out
+
+
+def _map_sam(state):
+    """Official SAM: image encoder and prompt encoder keep their keys; the decoder keeps transformer + upscaling."""
+    mapped, dropped = {}, []
+    for key, value in state.items():
+        if key.startswith(SAM_DECODER_HEADS):
+            dropped.append(key)
+        else:
+            mapped[key] = value
+    return mapped, dropped
+
+
+def _map_sam_unet_reference(state):
+    """Reference SAM-UNet code: strip its wrapper names and map its ResNet stages onto the conv branch."""
+    rules = [
+        (r"^image_encoder\.sam_img_encoder\.", "image_encoder."),
+        (r"^prompt_encoder\.sam_prompt_encoder\.", "prompt_encoder."),
+        (r"^mask_decoder\.sam_mask_decoder\.(transformer|output_upscaling)\.", r"mask_decoder.\1."),
+        (r"^resnet\.stage0\.0\.", "conv_branch.conv1."),
+        (r"^resnet\.stage0\.1\.", "conv_branch.bn1."),
+        (r"^resnet\.stage([1-4])\.", r"conv_branch.layer\1."),
+    ]
+    kept_as_is = ("mask_decoder.med_token.", "mask_decoder.hf_mlp.", "mask_decoder.embedding_maskfeature.", "adapters_in.", "adapters_bridge.", "embedding_encoder.")
+    unused_sam_heads = tuple(h.replace("mask_decoder.", "mask_decoder.sam_mask_decoder.") for h in SAM_DECODER_HEADS)
+    mapped, dropped = {}, []
+    for key, value in state.items():
+        if key.startswith(unused_sam_heads):
+            dropped.append(key)
+            continue
+        if key.startswith(kept_as_is):
+            mapped[key] = value
+            continue
+        for pattern, replacement in rules:
+            if re.match(pattern, key):
+                mapped[re.sub(pattern, replacement, key)] = value
+                break
+        else:
+            mapped[key] = value  # unknown: reported as unexpected below
+    return mapped, dropped
+
+
+def _map_torchvision_resnet(state):
+    """torchvision ResNet: every key except ``fc`` goes under ``conv_branch.``."""
+    mapped, dropped = {}, []
+    for key, value in state.items():
+        if key.startswith("fc."):
+            dropped.append(key)
+        else:
+            mapped["conv_branch." + key] = value
+    return mapped, dropped
+
+
+def _map_bundle(state):
+    return dict(state), []
+
+
+MAPPERS = {"bundle": _map_bundle, "sam": _map_sam, "sam_unet_reference": _map_sam_unet_reference, "torchvision_resnet": _map_torchvision_resnet}
+
+
+def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source_format: str = "auto"):
+    """Map ``state`` onto ``model``'s keys. Returns ``(mapped_state, report)``; raises ``ValueError`` on a mismatch."""
+    if source_format == "auto":
+        source_format = detect_format(state)
+    if source_format not in MAPPERS:
+        raise ValueError(f"Unknown checkpoint format {source_format!r}; expected 'auto' or one of {FORMATS}")
+    mapped, dropped = MAPPERS[source_format](state)
+    target = model.state_dict()
+    mapped = _fit_vit_positions(mapped, target)
+    unexpected = sorted(k for k in mapped if k not in target)
+    if unexpected:
+        raise ValueError(
+            f"checkpoint ({source_format} format) does not match this SAMUNet configuration: "
+            f"{len(unexpected)} unexpected keys, e.g. {unexpected[:8]}"
+        )
+    wrong_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in mapped.items() if v.shape != target[k].shape]
+    if wrong_shape:
+        raise ValueError(
+            f"checkpoint ({source_format} format) does not match this SAMUNet configuration: "
+            f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:5]}"
+        )
+    missing = sorted(k for k in target if k not in mapped)
+    if source_format == "bundle" and missing:
+        raise ValueError(f"checkpoint in bundle format lacks {len(missing)} keys of this SAMUNet, e.g. {missing[:8]}")
+    report = LoadReport(source_format, loaded=sorted(mapped), missing=missing, dropped=sorted(dropped))
+    return mapped, report
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, source_format: str = "auto", map_location="cpu") -> LoadReport:
+    """Load a checkpoint file into ``model`` (any format in :data:`FORMATS`), log and return the :class:`LoadReport`."""
+    state = read_state_dict(path, map_location=map_location)
+    try:
+        mapped, report = convert_state_dict(model, state, source_format)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    model.load_state_dict(mapped, strict=False)
+    logger.info("loaded %s\n%s", path, report.summary())
+    return report
