@@ -7,6 +7,7 @@ from monai.networks.nets import ResNet
 
 # name -> (block, layers per stage, output channels of layer1..layer4)
 CONV_BRANCHES = {
+    "resnet18": ("basic", [2, 2, 2, 2], (64, 128, 256, 512)),
     "resnet34": ("basic", [3, 4, 6, 3], (64, 128, 256, 512)),
     "resnet50": ("bottleneck", [3, 4, 6, 3], (256, 512, 1024, 2048)),
 }

@@ -11,12 +11,12 @@ from .adapters import Reshaper, upsampling_adapter
 from .conv_branch import STAGE_STRIDES, ConvBranch
 from .decoder import MaskDecoder
 
-BACKBONES = ("vit_b", "tiny_vit")
+BACKBONES = ("vit_b", "vit_tiny", "tiny_vit")
 
 
 def build_backbone(name: str, image_size: int) -> nn.Module:
     """Build the frozen image encoder named ``name`` at ``image_size``."""
-    if name == "vit_b":
+    if name in ("vit_b", "vit_tiny"):
         from .vit_backbone import ViTBackbone
 
         return ViTBackbone(name, image_size)
@@ -31,9 +31,10 @@ class SAMUNet(nn.Module):
     """Prompted 2D segmentation network (SAM-UNet, arXiv 2408.09886).
 
     Args:
-        backbone: frozen image encoder, ``"vit_b"`` (SAM ViT-B) or ``"tiny_vit"`` (LiteMedSAM).
+        backbone: frozen image encoder, ``"vit_b"`` (SAM ViT-B), ``"tiny_vit"`` (LiteMedSAM) or ``"vit_tiny"`` (a
+            small ViT of the same structure, for tests).
         image_size: square network input size in pixels (256 in the paper).
-        conv_branch: ``"resnet34"``, ``"resnet50"`` or ``"none"``; its stage outputs are added to the encoder tokens.
+        conv_branch: ``"resnet34"``, ``"resnet50"``, ``"resnet18"`` or ``"none"``; its stage outputs are added to the encoder tokens.
         fusion: multi-scale fusion path in the decoder (bridge adapters + embedding encoder).
         decoder_tokens: ``"med"`` (SAM-UNet's med token) or ``"sam"`` (SAM's own output tokens).
         weights: optional checkpoint file loaded with :func:`bundle.networks.weights.load_weights` (any supported

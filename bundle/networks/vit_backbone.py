@@ -11,6 +11,7 @@ from segment_anything.modeling import ImageEncoderViT
 VIT_CONFIGS = {
     # name -> embed_dim, depth, num_heads, global attention blocks
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_tiny": (96, 8, 2, (1, 3, 5, 7)),  # small configuration for fast tests, same structure
 }
 PATCH_SIZE = 16
 WINDOW_SIZE = 14
