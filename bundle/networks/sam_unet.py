@@ -100,8 +100,10 @@ class SAMUNet(nn.Module):
 
     def _zero_init_injection(self) -> None:
         """Zero the last layer of every injected path so a fresh model equals its pretrained backbone."""
-        last_layers = [self.mask_decoder.embedding_maskfeature[-1], self.embedding_encoder[-1]]
-        last_layers += [adapter.reshaper[-1] if isinstance(adapter, Reshaper) else adapter[-1] for adapter in self.adapters_bridge]
+        last_layers = []
+        if self.mask_decoder.fusion:
+            last_layers += [self.mask_decoder.embedding_maskfeature[-1], self.embedding_encoder[-1]]
+            last_layers += [adapter.reshaper[-1] if isinstance(adapter, Reshaper) else adapter[-1] for adapter in self.adapters_bridge]
         if self.conv_branch is not None:
             last_layers += [adapter.reshaper[-1] for adapter in self.adapters_in]
         for layer in last_layers:

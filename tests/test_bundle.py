@@ -1,0 +1,53 @@
+"""The bundle as MONAI tools see it: metadata, verify_net_in_out, ConfigWorkflow properties, large-file list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from monai.bundle import ConfigWorkflow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_metadata_declares_network_io_and_versions():
+    meta = json.loads((ROOT / "configs/metadata.json").read_text())
+    assert list(meta["network_data_format"]["inputs"])[0] == "image"
+    assert list(meta["network_data_format"]["outputs"])[0] == "pred"
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert (image["num_channels"], image["spatial_shape"]) == (3, [256, 256])
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert (pred["num_channels"], pred["spatial_shape"]) == (1, [256, 256])
+    assert meta["version"] in meta["changelog"]
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert f"monai=={meta['monai_version']}" in constraints
+    assert f"torch=={meta['pytorch_version']}" in constraints
+
+
+def test_verify_net_in_out_runs_as_users_run_it():
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
+         "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "data shape of network is verified with no error" in run.stdout + run.stderr
+
+
+def test_inference_config_has_the_properties_monai_requires():
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs/inference.json"), meta_file=str(ROOT / "configs/metadata.json"),
+        workflow_type="infer", logging_file=None,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
+
+
+def test_large_files_list_names_the_official_sam_checkpoint():
+    large = yaml.safe_load((ROOT / "models/large_files.yml").read_text())
+    entry = next(item for item in large["large_files"] if item["path"].endswith("sam_vit_b_01ec64.pth"))
+    assert entry["hash_val"] == "01ec64d29a2fca3f0661936605ae66f8" and entry["hash_type"] == "md5"
