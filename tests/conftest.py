@@ -1,0 +1,60 @@
+"""Shared pytest fixtures."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real scans in ``../shared/data`` beside the repository; skips when that folder is absent."""
+    path = (REPO_ROOT / ".." / "shared" / "data").resolve()
+    if not (path / "lung1_image.nrrd").is_file():
+        pytest.skip(f"real test scans not found at {path} (../shared/data beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_data_dir() -> Path:
+    """The small committed fixtures in ``tests/data`` (cropped real scans, see its README)."""
+    return REPO_ROOT / "tests" / "data"
+
+
+def _write_dicom_series(volume: np.ndarray, spacing, origin, folder: Path, modality: str) -> Path:
+    """Write an int16 ``[x, y, z]`` volume (MONAI/ITK index order) as a DICOM series, identity direction."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage}[modality]
+    folder.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.InstanceNumber = modality, "test", k + 1
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.ImagePositionPatient = [float(origin[0]), float(origin[1]), float(origin[2]) + float(spacing[2]) * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing (y), column spacing (x)
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(folder / f"{k:03d}.dcm"), write_like_original=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_dicom_series():
+    """``write(volume_xyz, spacing_xyz, origin_lps, folder, modality)``: a DICOM series from an array (pydicom)."""
+    return _write_dicom_series
