@@ -1,0 +1,295 @@
+"""Handlers for the SAM-UNet workflows: atomic checkpoints, the evaluation report, and a datalist file check."""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver
+
+__all__ = ["AtomicCheckpointSaver", "PromptEvaluationReport", "check_files", "summarise"]
+
+logger = logging.getLogger(__name__)
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite DiskSaver with ``atomic=True`` (write a temp file in the same folder, then ``os.replace``) and an
+    optional fixed file name. A fixed name is overwritten in place by the rename, so ``remove`` is a no-op for it:
+    there is never a moment without a complete checkpoint on disk."""
+
+    def __init__(self, dirname: str, filename: str | None = None, wrap_key: str | None = None):
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+        self.wrap_key = wrap_key
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        if self.wrap_key is not None:
+            # ignite stores a lone object's state_dict bare; the bundle's files are always {"model": state_dict}
+            checkpoint = {self.wrap_key: checkpoint}
+        super().__call__(checkpoint=checkpoint, filename=self.filename or filename, metadata=metadata)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's CheckpointSaver with atomic writes (MONAI's own saver uses ``atomic=False``, so a kill during
+    ``torch.save`` leaves a truncated file) and a fixed file name for interval checkpoints (``interval_filename``,
+    e.g. ``checkpoint_last.pt``, what a resumed run loads). Saves on rank 0 only under torch.distributed (ignite).
+
+    A ``save_dict`` with one entry is written as ``{key: state_dict}`` (ignite would write the bare state dict), so
+    ``models/model.pt`` is ``{"model": state_dict}`` as MONAI bundles and MONAI FL expect.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs) -> None:
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        wrap = next(iter(save_dict)) if len(save_dict) == 1 else None
+        if self._final_checkpoint is not None:
+            self._final_checkpoint.save_handler = _AtomicDiskSaver(save_dir, self._final_filename, wrap)
+        if self._key_metric_checkpoint is not None:
+            self._key_metric_checkpoint.save_handler = _AtomicDiskSaver(save_dir, kwargs.get("key_metric_filename"), wrap)
+        if self._interval_checkpoint is not None:
+            self._interval_checkpoint.save_handler = _AtomicDiskSaver(save_dir, interval_filename, wrap)
+
+
+# ------------------------------------------------------------------------------------------------------ datalist check
+def check_files(datalist, keys: Sequence[str] = ("image", "label"), base_dir: str | os.PathLike | None = None, what: str = "datalist"):
+    """Return ``datalist`` unchanged after checking that every path under ``keys`` exists.
+
+    Items are dicts; a key may hold one path or a list of paths (several masks per image). Relative paths are taken
+    against ``base_dir``. Raises FileNotFoundError naming the first missing file(s) and their item, so a bad datalist
+    fails when the config is parsed, before any training iteration.
+    """
+    missing = []
+    for index, item in enumerate(datalist):
+        if not isinstance(item, dict):
+            continue
+        for key in keys:
+            values = item.get(key)
+            for value in [values] if isinstance(values, (str, os.PathLike)) else list(values or []):
+                if not isinstance(value, (str, os.PathLike)):
+                    continue
+                path = Path(value) if base_dir is None or os.path.isabs(value) else Path(base_dir) / value
+                if not path.exists():
+                    missing.append(f"{path} (item {index}, key {key!r})")
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{what}: {len(missing)} missing file(s): " + "; ".join(missing[:5]) + more)
+    return datalist
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+def summarise(rows: Iterable[dict]) -> list[dict]:
+    """Per (modality, mode) and per mode over all modalities ("all"): mask counts (empty ones included), mean /
+    median / std Dice and mean NSD over the evaluated (non-empty) masks."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["modality"], row["mode"])].append(row)
+        groups[("all", row["mode"])].append(row)
+    out = []
+    for (modality, mode), items in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
+        ok = [r for r in items if r["status"] == "ok"]
+        dice = np.array([r["dice"] for r in ok], dtype=float)
+        nsd = np.array([r["nsd"] for r in ok], dtype=float)
+        out.append(
+            {
+                "modality": modality,
+                "mode": mode,
+                "n_masks": len(items),
+                "n_empty": sum(r["status"] == "empty_mask" for r in items),
+                "n_evaluated": len(ok),
+                "dice_mean": float(np.nanmean(dice)) if len(ok) else math.nan,
+                "dice_median": float(np.nanmedian(dice)) if len(ok) else math.nan,
+                "dice_std": float(np.nanstd(dice)) if len(ok) else math.nan,
+                "nsd_mean": float(np.nanmean(nsd)) if len(ok) and not np.isnan(nsd).all() else math.nan,
+            }
+        )
+    return out
+
+
+def _gather(obj):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
+
+
+class PromptEvaluationReport:
+    """Collects :class:`~bundle.engines.evaluator.SAMUNetEvaluator` rows and writes, at the end of each evaluation:
+
+    - ``per_mask.csv``: one row per mask and prompt mode (empty masks with ``status=empty_mask``);
+    - ``summary.csv`` / ``summary.json``: Dice and NSD per modality x mode and per mode over all modalities, with the
+      number of masks, empty masks and evaluated masks;
+    - ``dice_by_modality_mode.png``: bar chart of mean Dice by modality and mode;
+    - ``worst/*.png``: overlays (ground truth green, prediction red) of the ``worst_k`` lowest-Dice masks per mode.
+
+    Under torch.distributed the rows are gathered and rank 0 writes. Nothing is written when ``output_dir`` is None
+    (the summary is still logged and kept in ``engine.state.prompt_summary``).
+    """
+
+    def __init__(self, output_dir: str | None, worst_k: int = 4, name: str | None = None) -> None:
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.worst_k = int(worst_k)
+        self.logger = logging.getLogger(name or __name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows: list[dict] = []
+        self.worst: dict[str, list] = defaultdict(list)  # mode -> heap of (-dice, counter, overlay arrays)
+        self._counter = 0
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        rows = output["rows"]
+        self.rows.extend(rows)
+        if not self.worst_k:
+            return
+        image = output["image"]
+        masks = output["label"]
+        lookup = {(r["mode"], r["flat_index"]): r for r in rows if r["status"] == "ok"}
+        for mode, (keep, pred) in output.get("cases", {}).items():
+            for row_i, mask_i in enumerate(keep.tolist()):
+                row = lookup.get((mode, mask_i))
+                if row is None or math.isnan(row["dice"]):
+                    continue
+                img = row["batch_image"]
+                heap = self.worst[mode]
+                entry_key = (-row["dice"], self._counter)
+                self._counter += 1
+                if len(heap) >= self.worst_k and entry_key <= heap[0][:2]:
+                    continue
+                grey = image[img].float().cpu() * torch.tensor(SAM_PIXEL_STD)[:, None, None] + torch.tensor(SAM_PIXEL_MEAN)[:, None, None]
+                arrays = (
+                    grey.mean(0).clamp(0, 255).numpy().astype(np.uint8),
+                    masks[mask_i, 0].cpu().numpy() > 0.5,
+                    pred[row_i, 0].cpu().numpy() > 0.5,
+                    dict(row),
+                )
+                item = (entry_key[0], entry_key[1], arrays)
+                if len(heap) < self.worst_k:
+                    heapq.heappush(heap, item)
+                else:
+                    heapq.heapreplace(heap, item)
+
+    def _write(self, engine: Engine) -> None:
+        rows = [r for part in _gather(self.rows) for r in part]
+        worst_parts = _gather({m: [item[2] for item in heap] for m, heap in self.worst.items()})
+        summary = summarise(rows)
+        engine.state.prompt_summary = summary
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        for s in summary:
+            if s["modality"] == "all":
+                self.logger.info(
+                    f"{s['mode']}: Dice {s['dice_mean']:.4f} NSD {s['nsd_mean']:.4f} over {s['n_evaluated']} masks "
+                    f"({s['n_empty']} empty masks counted, not scored)"
+                )
+        if self.output_dir is None or not rank0:
+            return
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        fields = ["image", "mask_index", "modality", "mode", "status", "dice", "nsd", "gt_pixels", "pred_pixels"]
+        _write_csv(out / "per_mask.csv", rows, fields)
+        _write_csv(out / "summary.csv", summary, list(summary[0]) if summary else ["modality", "mode"])
+        spacing_given = bool(engine.state.output.get("spacing_given", False)) if isinstance(engine.state.output, dict) else False
+        payload = {
+            "summary": summary,
+            "n_rows": len(rows),
+            "n_empty_masks": sum(s["n_empty"] for s in summary if s["modality"] == "all") // max(1, len({r["mode"] for r in rows})),
+            "nsd_tolerance_mm": getattr(engine, "nsd_tolerance_mm", None),
+            "spacing_from_data": spacing_given,
+            "prompt_modes": getattr(engine, "prompt_modes", None),
+        }
+        _atomic_text(out / "summary.json", json.dumps(payload, indent=2, default=float))
+        self._chart(summary, out / "dice_by_modality_mode.png")
+        worst_dir = out / "worst"
+        worst_dir.mkdir(exist_ok=True)
+        merged: dict[str, list] = defaultdict(list)
+        for part in worst_parts:
+            for mode, items in part.items():
+                merged[mode].extend(items)
+        for mode, items in merged.items():
+            items = sorted(items, key=lambda a: a[3]["dice"])[: self.worst_k]
+            for rank, (grey, gt, pred, row) in enumerate(items):
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{mode}_{rank}_{row['image']}_{row['mask_index']}")
+                _overlay(grey, gt, pred, f"{row['image']} mask {row['mask_index']} {mode}: Dice {row['dice']:.3f}", worst_dir / f"{safe}.png")
+
+    @staticmethod
+    def _chart(summary: list[dict], path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        modalities = sorted({s["modality"] for s in summary}, key=lambda m: (m == "all", m))
+        modes = list(dict.fromkeys(s["mode"] for s in summary))
+        values = {(s["modality"], s["mode"]): s["dice_mean"] for s in summary}
+        fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(modalities) * max(1, len(modes)) / 3), 4))
+        width = 0.8 / max(1, len(modes))
+        for j, mode in enumerate(modes):
+            heights = [0.0 if math.isnan(values.get((m, mode), math.nan)) else values[(m, mode)] for m in modalities]
+            ax.bar(np.arange(len(modalities)) + j * width, heights, width, label=mode)
+        ax.set_xticks(np.arange(len(modalities)) + width * (len(modes) - 1) / 2)
+        ax.set_xticklabels(modalities)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean Dice")
+        ax.set_title("Dice by modality and prompt mode")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _overlay(grey: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(grey, cmap="gray")
+    if gt.any():
+        ax.contour(gt.astype(float), levels=[0.5], colors="lime", linewidths=1)
+    if pred.any():
+        ax.contour(pred.astype(float), levels=[0.5], colors="red", linewidths=1)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

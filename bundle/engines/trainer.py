@@ -1,0 +1,222 @@
+"""SupervisedTrainer subclass that simulates prompts (box, points, SAM-Med2D corrective clicks) from the labels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+from .interactive import InteractiveDecoding, unwrap
+from .prompts import initial_prompts, valid_region
+
+__all__ = ["SAMUNetTrainer", "flatten_masks"]
+
+logger = logging.getLogger(__name__)
+
+
+def flatten_masks(batch: Mapping, image_key: str, label_key: str, device, non_blocking: bool = False, valid_key: str | None = None):
+    """Batch -> ``image [B, 3, S, S]``, ``masks [B*M, 1, S, S]`` (float 0/1), ``image_index [B*M]``, ``valid [B, S, S]``.
+
+    ``batch[label_key]`` is ``[B, M, S, S]``: M instance masks per image (M = 1 for one mask per item). All-zero
+    channels are kept here; callers decide (training drops them, evaluation counts them).
+    """
+    if image_key not in batch or label_key not in batch:
+        raise KeyError(f"batch must hold {image_key!r} and {label_key!r}, got keys {sorted(batch)}")
+    image = torch.as_tensor(batch[image_key]).to(device, non_blocking=non_blocking).float()
+    label = torch.as_tensor(batch[label_key]).to(device, non_blocking=non_blocking)
+    if label.ndim == 3:
+        label = label[:, None]
+    if label.ndim != 4 or label.shape[0] != image.shape[0] or label.shape[2:] != image.shape[2:]:
+        raise ValueError(
+            f"{label_key!r} must be [B, M, H, W] masks matching {image_key!r} {tuple(image.shape)}, got {tuple(label.shape)}"
+        )
+    b, m = label.shape[:2]
+    masks = (label.reshape(b * m, 1, *label.shape[2:]) > 0.5).float()
+    image_index = torch.arange(b, device=device).repeat_interleave(m)
+    sizes = batch.get(valid_key) if valid_key else None  # absent key: the whole frame is image content
+    valid = valid_region(sizes, b, tuple(image.shape[2:]), device)
+    return image, masks, image_index, valid
+
+
+class SAMUNetTrainer(SupervisedTrainer):
+    """Trains SAMUNet with prompts sampled from the labels at every iteration.
+
+    Per iteration: every image of the batch is encoded once; every non-empty instance mask gets a prompt (a box from
+    its largest connected component with jittered corners, or ``num_points`` points, chosen per iteration with
+    ``prompt_probs``); then ``interactive_iterations`` SAM-Med2D corrective steps follow, each adding one click from the
+    error region and feeding the previous low-res logits back. The loss (``loss_function`` on the upsampled logits,
+    e.g. focal + 20 x Dice) is averaged over the steps; one backward and one optimiser step per iteration.
+    ``engine.state.output`` is a one-item list ``[{"image", "label", "pred", "loss", "step_losses", "prompt_mode",
+    "num_masks"}]`` (like a decollated batch), so ``from_engine(["loss"], first=True)`` reads the loss.
+
+    All other arguments are :class:`monai.engines.SupervisedTrainer`'s (``inferer`` is unused by the prompt loop but
+    kept for MONAI's TrainProperties). Under ``torch.distributed`` (world size > 1) the step runs through
+    DistributedDataParallel (wrapping the prompt loop, so ``network`` stays a plain SAMUNet for checkpoints); at the end
+    of the run rank 0's buffers (BatchNorm statistics) are broadcast so every rank ends with identical weights.
+
+    Args:
+        prompt_probs: probability of each initial prompt mode, ``{"box": p, "points": q}``.
+        num_points: points in a "points" initial prompt (1 in SAM-Med2D training).
+        interactive_iterations: corrective steps after the initial prompt (8 in SAM-Med2D, 0 = reference SAM-UNet).
+        box_jitter: maximum corner shift in pixels (the reference: min(5, half the box's short side)).
+        max_masks_per_image: random subset of non-empty masks per image (None: all).
+        prompt_seed: seed of the prompt samplers (offset by the rank); None draws one from torch's global generator
+            (so ``monai.utils.set_determinism`` makes runs repeatable).
+        image_key, label_key: batch keys; ``label`` is ``[B, M, S, S]`` instance masks in the network frame.
+        valid_size_key: batch key with each image's original (height, width) (`ToNetworkFramed` stores
+            ``original_hw``); corrective clicks stay off the bottom/right padding. Missing key: the whole frame.
+        find_unused_parameters: passed to DistributedDataParallel (a box-only step leaves point embeddings unused).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        prompt_probs: Mapping[str, float] | None = None,
+        num_points: int = 1,
+        interactive_iterations: int = 8,
+        box_jitter: int = 5,
+        max_masks_per_image: int | None = None,
+        prompt_seed: int | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        valid_size_key: str | None = "original_hw",
+        find_unused_parameters: bool = True,
+        decollate: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("SAMUNetTrainer does not support accumulation_steps > 1; raise batch_size instead")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            decollate=decollate,
+            **kwargs,
+        )
+        probs = dict(prompt_probs or {"box": 0.5, "points": 0.5})
+        unknown = set(probs) - {"box", "points"}
+        if unknown or not probs or sum(probs.values()) <= 0 or min(probs.values()) < 0:
+            raise ValueError(f"prompt_probs must give non-negative weights to 'box' and/or 'points', got {probs}")
+        if interactive_iterations < 0 or num_points < 1:
+            raise ValueError(f"need interactive_iterations >= 0 and num_points >= 1, got {interactive_iterations}, {num_points}")
+        self.prompt_modes = list(probs)
+        self.prompt_weights = torch.tensor([float(probs[k]) for k in self.prompt_modes])
+        self.num_points = int(num_points)
+        self.interactive_iterations = int(interactive_iterations)
+        self.box_jitter = int(box_jitter)
+        self.max_masks_per_image = max_masks_per_image
+        self.image_key, self.label_key, self.valid_size_key = image_key, label_key, valid_size_key
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank = dist.get_rank() if self.distributed else 0
+        seed = int(torch.randint(0, 2**31 - 1, ())) if prompt_seed is None else int(prompt_seed)
+        self.rng = np.random.RandomState(seed + rank)
+        self.generator = torch.Generator().manual_seed(seed + rank)
+        step = InteractiveDecoding(unwrap(network))
+        if self.distributed:
+            dev = torch.device(device)
+            step = torch.nn.parallel.DistributedDataParallel(
+                step,
+                device_ids=[dev] if dev.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+            self.add_event_handler(Events.COMPLETED, self._sync_buffers)
+        self.step_module = step
+        self.empty_masks_skipped = 0
+
+    # ---------------------------------------------------------------------------------------------------- iteration
+    def _choose_masks(self, masks: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """Indices of the non-empty masks to train on (a random subset per image when max_masks_per_image is set)."""
+        nonempty = masks.flatten(1).any(dim=1)
+        self.empty_masks_skipped += int((~nonempty).sum())
+        keep = torch.nonzero(nonempty).flatten()
+        if self.max_masks_per_image and keep.numel():
+            chosen = []
+            for img in image_index[keep].unique():
+                own = keep[image_index[keep] == img]
+                order = torch.randperm(own.numel(), generator=self.generator)[: self.max_masks_per_image]
+                chosen.append(own[order.to(own.device)])
+            keep = torch.cat(chosen)
+        return keep
+
+    def _initial_prompt(self, masks: torch.Tensor) -> tuple[str, dict]:
+        mode = self.prompt_modes[int(torch.multinomial(self.prompt_weights, 1, generator=self.generator))]
+        return mode, initial_prompts(masks, mode, self.rng, num_points=self.num_points, jitter=self.box_jitter)
+
+    def _iteration(self, engine: SAMUNetTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        image, masks, image_index, valid = flatten_masks(
+            batchdata, self.image_key, self.label_key, engine.state.device, engine.non_blocking, self.valid_size_key
+        )
+        keep = self._choose_masks(masks, image_index)
+        weight = 1.0
+        if keep.numel() == 0:
+            # no object in this batch: run a zero-weighted step so every DDP rank still takes part in the reduction
+            keep, weight = torch.zeros(1, dtype=torch.long, device=masks.device), 0.0
+        masks, image_index = masks[keep], image_index[keep]
+        size = image.shape[-1]
+        if weight == 0.0:
+            mode, prompt = "box", {"boxes": torch.tensor([[0.0, 0.0, size - 1.0, size - 1.0]], device=masks.device)}
+        else:
+            mode, prompt = self._initial_prompt(masks)
+
+        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: masks, "prompt_mode": mode, "num_masks": int(weight and keep.numel())}
+        net = unwrap(engine.network)
+
+        def _compute_pred_loss():
+            lows = self.step_module(
+                image,
+                masks,
+                image_index,
+                iterations=self.interactive_iterations,
+                valid=valid,
+                generator=self.generator,
+                **prompt,
+            )
+            logits = [net.upsample_logits(low.float()) for low in lows]
+            engine.state.output[Keys.PRED] = logits[-1]
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            losses = torch.stack([engine.loss_function(lg, masks).mean() for lg in logits])
+            engine.state.output["step_losses"] = losses.detach()
+            engine.state.output[Keys.LOSS] = losses.mean() * weight
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                _compute_pred_loss()
+            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            _compute_pred_loss()
+            engine.state.output[Keys.LOSS].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        # one "decollated" item holding the whole batch: MONAI's handlers (StatsHandler, MLFlowHandler from
+        # ``--tracking mlflow``) read the loss with ``from_engine(["loss"], first=True)`` from such a list
+        return [engine.state.output]
+
+    def _sync_buffers(self, engine) -> None:
+        """Broadcast rank 0's buffers (BatchNorm running statistics) so all ranks end with identical state dicts."""
+        for buffer in unwrap(self.network).buffers():
+            dist.broadcast(buffer.data, src=0)

@@ -1,0 +1,85 @@
+"""Faults: a training run killed mid-epoch resumes from its last checkpoint and ends at the same total iteration
+count; checkpoints read while the run writes them (and after the kill) are never truncated (atomic writes)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from train_helpers import PYTHON, REPO_ROOT, SMALL_NET, bundle_args, convert_brain, env_one_thread, write_split
+
+EPOCHS, PER_EPOCH = 2, 3  # 6 training images, batch 2: killed inside epoch 2
+
+
+def _command(tmp_path, train_json, val_json, resume: bool):
+    overrides = {
+        "bundle_root": str(tmp_path),
+        "train_json": str(train_json),
+        "val_json": str(val_json),
+        "max_epochs": EPOCHS,
+        "batch_size": 2,
+        "masks_per_image": 1,
+        "num_workers": 0,
+        "interactive_iterations": 1,
+        "checkpoint_interval": 1,
+        "val_interval": 100,
+        "progress_bar": False,
+        "cache": "none",
+        "resume": resume,
+        **SMALL_NET,
+    }
+    return [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *bundle_args(overrides)]
+
+
+def _iteration(path):
+    return int(torch.load(path, weights_only=True, map_location="cpu")["trainer"]["iteration"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_iteration_count(tmp_path_factory, tmp_path):
+    root = convert_brain(tmp_path_factory.getbasetemp())
+    train_json, val_json = write_split(root, "faults", train_limit=6, val_limit=2)
+    last = tmp_path / "models" / "checkpoint_last.pt"
+
+    proc = subprocess.Popen(
+        _command(tmp_path, train_json, val_json, resume=False), cwd=REPO_ROOT, env=env_one_thread(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen, deadline = [], time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists():
+                seen.append(_iteration(last))  # read while the trainer rewrites it: always a complete file
+                if seen[-1] > PER_EPOCH and seen[-1] % PER_EPOCH:  # inside epoch 2
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, output[-3000:]
+    killed_at = _iteration(last)  # the checkpoint a kill left behind loads
+    assert PER_EPOCH < killed_at < EPOCHS * PER_EPOCH
+    assert not (tmp_path / "models" / "checkpoint_final.pt").exists()
+    # a kill during a write can at most leave a temporary file beside it (tmpXXXX), never a partial checkpoint name
+    assert all(p.name.startswith("tmp") or p.suffix == ".pt" for p in last.parent.iterdir())
+
+    resumed = subprocess.run(
+        _command(tmp_path, train_json, val_json, resume=True), cwd=REPO_ROOT, env=env_one_thread(),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True, map_location="cpu")
+    assert final["trainer"]["iteration"] == EPOCHS * PER_EPOCH
+    assert final["trainer"]["max_epochs"] == EPOCHS and final["trainer"]["epoch_length"] == PER_EPOCH
+    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    log = resumed.stdout + resumed.stderr
+    assert "Restored all variables from" in log and "checkpoint_last.pt" in log, log[-3000:]
+    # only the remaining iterations ran after the resume, starting inside the interrupted epoch
+    assert log.count("train_loss:") == EPOCHS * PER_EPOCH - killed_at, log[-3000:]
+    assert f"Epoch: 2/{EPOCHS}, Iter: {killed_at - PER_EPOCH + 1}/{PER_EPOCH}" in log, log[-3000:]
