@@ -1,0 +1,74 @@
+"""A constructed prompt-following segmenter with the SAMUNet interface, for tests, demos and benchmarks of the
+inference machinery without trained weights.
+
+:class:`BrightObjectNet` segments the pixels brighter than ``threshold`` (in the network's normalised input) that lie
+inside the box prompt, or, with clicks only, the bright connected component under the foreground clicks. Its output
+is exact at network-frame resolution, so tests can check where prompts land and where propagation stops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BrightObjectNet(nn.Module):
+    """Constructed network: ``encode`` keeps the image, ``decode_low_res`` thresholds it within the prompt."""
+
+    def __init__(self, image_size: int = 256, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.mask_input_size = image_size // 4
+        self.threshold = threshold
+        self.backbone = "constructed"
+        self.dummy = nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the module a device
+        self.encode_calls = 0
+        self.encoded_images = 0
+
+    def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.encode_calls += 1
+        self.encoded_images += image.shape[0]
+        return {"embedding": image[:, :1].float() + 0 * self.dummy}
+
+    def decode_low_res(self, features, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None):
+        embedding = features["embedding"]
+        n = max(len(t) for t in (boxes, points, [0] * embedding.shape[0]) if t is not None)
+        index = torch.arange(n) if image_index is None else torch.as_tensor(image_index)
+        bright = (embedding[index, 0] > self.threshold).cpu().numpy()  # [N, S, S]
+        out = np.zeros_like(bright)
+        size = self.image_size
+        for row in range(n):
+            keep = bright[row]
+            if boxes is not None:
+                x0, y0, x1, y1 = (float(v) for v in boxes[row])
+                region = np.zeros_like(keep)
+                region[int(np.ceil(y0)) : int(np.floor(y1)) + 1, int(np.ceil(x0)) : int(np.floor(x1)) + 1] = True
+                keep = keep & region
+            elif points is not None:
+                from scipy import ndimage
+
+                labels, _ = ndimage.label(keep)
+                chosen = {
+                    labels[int(round(float(y))), int(round(float(x)))]
+                    for (x, y), lab in zip(points[row].tolist(), point_labels[row].tolist())
+                    if lab == 1
+                } - {0}
+                keep = np.isin(labels, list(chosen)) if chosen else np.zeros_like(keep)
+            else:
+                keep = keep & np.ones((size, size), dtype=bool)
+            out[row] = keep
+        logits = torch.from_numpy(np.where(out, 10.0, -10.0)).float()[:, None]
+        return logits.to(embedding.device)
+
+    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        if low_res.shape[-1] == self.image_size:
+            return low_res
+        return F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+
+    def decode(self, features, **prompts) -> torch.Tensor:
+        return self.upsample_logits(self.decode_low_res(features, **prompts))
+
+    def forward(self, image, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None):
+        return self.decode(self.encode(image), boxes=boxes, points=points, point_labels=point_labels)
