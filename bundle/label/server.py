@@ -1,0 +1,235 @@
+"""The SAM-UNet MONAI Label app (``bundle/label/app/main.py`` exposes it to ``monailabel start_server``).
+
+Configuration (``--conf key value``; all optional):
+
+=====================  =================================================================================================
+``models``             infer/train task names to enable, comma separated; only ``sam_unet`` exists (default).
+``weights``            initial weights: a checkpoint file or ``litemedsam`` (default: ``weights`` of inference.json).
+``network``            JSON of ``SAMUNet`` keyword arguments (default: ``network_def`` of ``configs/inference.json``).
+``pixel_normalization``  ``litemedsam`` or ``sam`` (default: inference.json's).
+``modality``           force one modality for every image (``ct``, ``mr``, ...); else request / metadata / default.
+``default_modality``   modality of images that name none (default ``ct``).
+``mode``               default request mode, ``2d`` or ``3d`` (default ``2d``).
+``cache_mb``           embedding cache budget in MiB (default 1024); ``volume_cache_mb`` loaded volumes (512).
+``device``             ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when available).
+``model_dir``          where trained weights are published (default ``<app>/model``).
+``preload``            build the network at server start (default ``true``).
+``threads``            torch CPU threads of the server (default: torch's choice).
+=====================  =================================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelException
+from monailabel.utils.others.generic import strtobool
+
+from .datastore import CheckedLocalDatastore
+from .infer import LITEMEDSAM_NETWORK, SAMUNetInferTask
+from .requests import RequestError
+from .train import SAMUNetTrainTask
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+MODEL_NAME = "sam_unet"
+
+
+def bundle_inference_settings(bundle_root: Path = BUNDLE_ROOT) -> dict:
+    """``network_def`` kwargs, ``weights`` and ``pixel_normalization`` from the bundle's ``configs/inference.json``."""
+    from monai.bundle import ConfigParser
+
+    settings = {"network": dict(LITEMEDSAM_NETWORK), "weights": "litemedsam", "pixel_normalization": None}
+    config = bundle_root / "configs" / "inference.json"
+    if not config.is_file():
+        return settings
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(bundle_root)
+    raw = parser.get("network_def") or {}
+    if isinstance(raw, dict) and raw.get("_target_", "").endswith("SAMUNet"):
+        settings["network"] = {
+            k: parser.get_parsed_content(f"network_def#{k}", instantiate=False)
+            for k in raw
+            if k not in ("_target_", "weights") and not k.startswith("_")
+        }
+    for key in ("weights", "pixel_normalization"):
+        if parser.get(key) is not None:
+            settings[key] = parser.get_parsed_content(key, instantiate=False)
+    return settings
+
+
+def _http_error(error: Exception) -> HTTPException:
+    status = getattr(error, "status", 400)
+    return HTTPException(status_code=status, detail=str(error))
+
+
+class SAMUNetApp(MONAILabelApp):
+    """MONAI Label app serving SAM-UNet: ``sam_unet`` infer (clicks / boxes) and train (fine-tune on saved labels)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict):
+        conf = dict(conf or {})
+        self.conf_models = [m.strip() for m in str(conf.get("models", MODEL_NAME)).split(",") if m.strip()]
+        unknown = [m for m in self.conf_models if m != MODEL_NAME]
+        if unknown or not self.conf_models:
+            raise ValueError(f"--conf models {conf.get('models')!r}: unknown model(s) {unknown}; available: {MODEL_NAME}")
+        defaults = bundle_inference_settings()
+        self.network = json.loads(conf["network"]) if conf.get("network") else defaults["network"]
+        self.weights = conf.get("weights") or defaults["weights"]
+        backbone = self.network.get("backbone", "vit_b")
+        self.pixel_normalization = conf.get("pixel_normalization") or defaults["pixel_normalization"] or (
+            "litemedsam" if backbone == "tiny_vit" else "sam"
+        )
+        self.model_dir = Path(conf.get("model_dir") or os.path.join(app_dir, "model"))
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.published_weights = self.model_dir / f"{MODEL_NAME}.pt"
+        self.preload = bool(strtobool(conf.get("preload", "true")))
+        if conf.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(conf["threads"]))
+        bundle_version = "unknown"
+        metadata = BUNDLE_ROOT / "configs" / "metadata.json"
+        if metadata.is_file():
+            bundle_version = json.loads(metadata.read_text()).get("version", bundle_version)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SAM-UNet",
+            description="SAM-UNet / LiteMedSAM interactive segmentation with cached slice embeddings",
+            version=str(bundle_version),
+        )
+
+    # ------------------------------------------------------------------------------------------------------- init
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        return CheckedLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self):
+        conf = self.conf
+        task = SAMUNetInferTask(
+            published_weights=self.published_weights,
+            weights=self.weights,
+            network=self.network,
+            pixel_normalization=self.pixel_normalization,
+            modality=conf.get("modality"),
+            default_modality=conf.get("default_modality", "ct"),
+            cache_bytes=int(float(conf.get("cache_mb", 1024)) * 2**20),
+            volume_cache_bytes=int(float(conf.get("volume_cache_mb", 512)) * 2**20),
+            default_mode=conf.get("mode", "2d"),
+            device=conf.get("device"),
+            allowed_roots=[self.studies, tempfile.gettempdir()] if not self.studies.startswith("http") else None,
+            preload=False,  # built in on_init_complete: the server loads it, a background train process does not
+        )
+        return {MODEL_NAME: task}
+
+    def init_trainers(self):
+        return {
+            MODEL_NAME: SAMUNetTrainTask(
+                bundle_root=BUNDLE_ROOT,
+                published_weights=self.published_weights,
+                network=self.network,
+                initial_weights=self.weights,
+                pixel_normalization=self.pixel_normalization,
+                default_modality=self.conf.get("default_modality", "ct"),
+            )
+        }
+
+    def init_scoring_methods(self):
+        return {}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        _bind_loopback_unless_told()
+        _install_error_handlers()
+        if self.preload:
+            self._infers[MODEL_NAME].ensure_network()
+
+    # ------------------------------------------------------------------------------------------------------ infer
+    def infer(self, request, datastore=None):
+        """Validate the model and image id (404), never save the result in the datastore, map bad requests to 4xx."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise HTTPException(status_code=400, detail="no image: give an image id from the datastore")
+        if not os.path.exists(image):
+            ds = datastore if datastore else self.datastore()
+            if not ds.get_image_uri(image):
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        request = dict(request)
+        request["save_label"] = False  # inference never writes into the datastore
+        try:
+            return super().infer(request, datastore)
+        except (RequestError, HTTPException):
+            raise
+        except MONAILabelException as error:
+            raise HTTPException(status_code=400, detail=error.msg) from None
+
+    def train(self, request):
+        try:
+            return super().train(request)
+        except MONAILabelException as error:
+            raise HTTPException(status_code=400, detail=error.msg) from None
+
+
+def _bind_loopback_unless_told() -> None:
+    """Make ``monailabel start_server`` bind to 127.0.0.1 unless its command line names a host.
+
+    ``start_server``'s own default is ``0.0.0.0`` (every interface). uvicorn runs the app's start-up (this call)
+    before it binds its socket, so when ``--host`` / ``-i`` was not given the pending uvicorn ``Config`` is switched to
+    the loopback address. ``--host 0.0.0.0`` (told otherwise) is left alone. (With ``--workers`` > 1 uvicorn binds
+    before start-up; pass ``--host`` explicitly then.)
+    """
+    argv = sys.argv[1:]
+    if "start_server" not in argv or any(a in ("-i", "--host") or a.startswith("--host=") for a in argv):
+        return
+    import gc
+
+    import uvicorn
+
+    for obj in gc.get_objects():
+        if isinstance(obj, uvicorn.Config) and obj.host == "0.0.0.0":
+            obj.host = "127.0.0.1"
+            logger.info("no --host given: binding to 127.0.0.1 (pass --host 0.0.0.0 to serve other machines)")
+
+
+def _install_error_handlers() -> None:
+    """Answer bad requests with 4xx and a message instead of MONAI Label's 500 (server mode only).
+
+    MONAI Label's endpoints ``json.loads`` the ``params`` form field and let the app's exceptions through; the
+    handlers turn a malformed ``params`` JSON and this app's :class:`RequestError` into 400-class JSON answers.
+    """
+    app = sys.modules.get("monailabel.app")
+    fastapi_app = getattr(app, "app", None)
+    if fastapi_app is None:
+        return
+    from fastapi.responses import JSONResponse
+
+    async def bad_json(_request, error: json.JSONDecodeError):
+        return JSONResponse(status_code=400, content={"detail": f"malformed JSON in request parameters: {error}"})
+
+    async def bad_request(_request, error: RequestError):
+        return JSONResponse(status_code=error.status, content={"detail": str(error)})
+
+    fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
+    fastapi_app.add_exception_handler(RequestError, bad_request)
+    fastapi_app.middleware_stack = None  # rebuilt with the new handlers on the next request

