@@ -4,7 +4,7 @@
 #   EXTRAS=lite,label bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${EXTRAS:-lite,export,tracking,dev}"
+extras="${EXTRAS:-lite,label,fl,tracking,export,dev}"
 python="${PYTHON:-python3}"
 stamp=.venv/.installed
 want="$(cat constraints.txt setup.cfg | sha256sum | cut -c1-16) $extras"
