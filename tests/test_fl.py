@@ -20,7 +20,13 @@ from bundle.fl.exchange import (
 from bundle.fl.filters import ExcludeFrozenWeights
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"network_def#backbone": "vit_tiny", "network_def#conv_branch": "resnet18"}
+SMALL = {
+    "network_def#backbone": "vit_tiny",
+    "network_def#conv_branch": "resnet18",
+    "network_def#decoder_tokens": "med",
+    "weights": None,
+    "pixel_normalization": "sam",
+}
 
 
 @pytest.fixture(scope="module")

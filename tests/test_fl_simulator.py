@@ -19,6 +19,9 @@ SITES = {"site-1": ("brain1", 2), "site-2": ("breast1", 1)}  # site -> (scan, sl
 SMALL = {
     "network_def#backbone": "vit_tiny",
     "network_def#conv_branch": "resnet18",
+    "network_def#decoder_tokens": "med",
+    "weights": None,
+    "pixel_normalization": "sam",
     "batch_size": 1,
     "masks_per_image": 1,
     "num_workers": 0,

@@ -17,6 +17,9 @@ PYTHON = sys.executable
 SMALL_NET = {
     "network_def#backbone": "vit_tiny",
     "network_def#conv_branch": "resnet18",
+    "network_def#decoder_tokens": "med",
+    "weights": None,
+    "pixel_normalization": "sam",
     "image_size": 128,
 }
 

@@ -20,10 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bundle.transforms.network_input import PIXEL_NORMALIZATIONS
+
 from .cache import EmbeddingCache
 from .volume_prompts import PromptPlan, SlicePrompt
 
 logger = logging.getLogger(__name__)
+
 
 def _is_oom(error: BaseException) -> bool:
     oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
@@ -106,9 +109,6 @@ class SliceFrame:
         """Network logits ``[N, 1, size, size]`` -> ``[N, A, B]`` logits on the slice grid."""
         restored = torch.as_tensor(self._from(logits[:, 0].float(), self.hw, mode="bilinear"))
         return self.to_image(restored)
-
-
-PIXEL_NORMALIZATIONS = ("sam", "litemedsam")
 
 
 class PromptedSliceInferer:

@@ -6,8 +6,7 @@ Steps (run by MONAI Label in a background process, or in the server with ``run_s
    2D slices (:func:`bundle.data.convert.convert_to_sa_med2d`) in a fresh work folder under ``<app>/model/train``;
 2. ``configs/train.json`` runs (``monai.bundle.run``) with overrides: that data for training and validation, the
    app's network configuration starting from the weights the server is using, the request's epochs / batch size /
-   learning rate, checkpoints in the work folder; for LiteMedSAM-style networks the SAM pixel normalisation of
-   ``train.json`` is replaced by LiteMedSAM's min-max scaling (the normalisation the inferer uses);
+   learning rate, checkpoints in the work folder, and the pixel normalisation the inferer uses;
 3. the best checkpoint (``model.pt``, key metric) or else the final one is checked to load into the network and
    published atomically to ``<app>/model/<name>.pt`` (``{"model": state_dict}``). The infer task sees the new file
    and reloads its weights (clearing its embedding cache) before its next request.
@@ -15,7 +14,6 @@ Steps (run by MONAI Label in a background process, or in the server with ``run_s
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -30,21 +28,6 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
 logger = logging.getLogger(__name__)
-
-
-def _replace_normalization(transforms: list, lite: bool) -> list:
-    """train.json's preprocessing with LiteMedSAM's scaling instead of SAM's pixel normalisation (when ``lite``)."""
-    if not lite:
-        return transforms
-    out = []
-    for t in transforms:
-        target = t.get("_target_", "") if isinstance(t, dict) else ""
-        if target.endswith("SAMPixelNormalized"):
-            continue
-        out.append(t)
-        if target.endswith("ToNetworkFramed"):
-            out.append({"_target_": "bundle.transforms.lite.LiteMedSAMScaled", "keys": "image", "size": "@image_size"})
-    return out
 
 
 class SAMUNetTrainTask(TrainTask):
@@ -110,11 +93,6 @@ class SAMUNetTrainTask(TrainTask):
         return str(self.published_weights) if self.published_weights.is_file() else self.initial_weights
 
     def overrides(self, request: dict, data_dir: Path, run_dir: Path) -> dict:
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser()
-        parser.read_config(str(self.config_file))
-        lite = self.pixel_normalization == "litemedsam"
         device = name_to_device(request.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
@@ -134,6 +112,7 @@ class SAMUNetTrainTask(TrainTask):
             "progress_bar": False,
             "resume": False,
             "weights": self.start_weights(),
+            "pixel_normalization": self.pixel_normalization,
             "max_epochs": int(request.get("max_epochs", 2)),
             "epoch_length": epoch_length,
             "batch_size": int(request.get("batch_size", 4)),
@@ -145,9 +124,6 @@ class SAMUNetTrainTask(TrainTask):
         }
         for key, value in self.network.items():
             out[f"network_def#{key}"] = value
-        for section in ("train", "validate"):
-            transforms = copy.deepcopy(parser.get(f"{section}#preprocessing#transforms"))
-            out[f"{section}#preprocessing#transforms"] = _replace_normalization(transforms, lite)
         # the datastore's slices are small: TensorBoard logs stay in the run folder, nothing else is written
         return out
 
@@ -191,7 +167,7 @@ class SAMUNetTrainTask(TrainTask):
         if report.images == 0:
             raise ValueError(f"the saved labels gave no training slice ({report.summary()})")
         overrides = self.overrides(request, data_dir, run_dir)
-        logger.info("running %s with overrides %s", self.config_file, {k: v for k, v in overrides.items() if "preprocessing" not in k})
+        logger.info("running %s with overrides %s", self.config_file, overrides)
         monai.bundle.run(config_file=str(self.config_file), meta_file=str(self.meta_file), **overrides)
         used, checkpoint = self._publish(run_dir)
         keep = request.get("keep_run_dir", False)

@@ -24,6 +24,7 @@ from .intensity import (
     ct_window,
 )
 from .io import LoadMedicalImage, LoadMedicalImaged, is_display_file
+from .lite import LiteMedSAMScale, LiteMedSAMScaled
 from .masks import RandSampleMasksd, sample_masks
 from .modality import (
     PHOTOGRAPHIC,
@@ -36,6 +37,7 @@ from .modality import (
     parse_modality,
     resolve_modality,
 )
+from .network_input import PIXEL_NORMALIZATIONS, NetworkInputd
 from .prompts import (
     Box3DPromptd,
     RandBoxPromptd,
@@ -49,6 +51,10 @@ from .prompts import (
 )
 
 __all__ = [
+    "LiteMedSAMScale",
+    "LiteMedSAMScaled",
+    "NetworkInputd",
+    "PIXEL_NORMALIZATIONS",
     "NETWORK_SIZE",
     "FromNetworkFrame",
     "FromNetworkFramed",
