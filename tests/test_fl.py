@@ -24,7 +24,7 @@ SMALL = {
     "network_def#backbone": "vit_tiny",
     "network_def#conv_branch": "resnet18",
     "network_def#decoder_tokens": "med",
-    "weights": None,
+    "weights": "",  # no starting weights (None is dropped as a command-line override)
     "pixel_normalization": "sam",
 }
 

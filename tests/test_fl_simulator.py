@@ -20,7 +20,7 @@ SMALL = {
     "network_def#backbone": "vit_tiny",
     "network_def#conv_branch": "resnet18",
     "network_def#decoder_tokens": "med",
-    "weights": None,
+    "weights": "",  # no starting weights (None is dropped as a command-line override)
     "pixel_normalization": "sam",
     "batch_size": 1,
     "masks_per_image": 1,

@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bundle.transforms.network_input import PIXEL_NORMALIZATIONS
 

@@ -40,7 +40,8 @@ class PromptPlan:
         return min(self.seeds), max(self.seeds)
 
 
-def _is_int(value: Any) -> bool:
+def is_whole_number(value: Any) -> bool:
+    """True for ints and integral floats (a voxel index given as 12 or 12.0), False for bools."""
     if isinstance(value, bool):
         return False
     if isinstance(value, numbers.Integral):
@@ -54,7 +55,7 @@ def _int_list(name: str, value: Any, length: int | None = None) -> list[int]:
     values = list(value.tolist() if hasattr(value, "tolist") else value)
     if length is not None and len(values) != length:
         raise ValueError(f"{name} must have {length} integer voxel indices, got {len(values)}: {values!r}")
-    if not all(_is_int(v) for v in values):
+    if not all(is_whole_number(v) for v in values):
         raise ValueError(f"{name} must hold integer voxel indices, got {values!r}")
     return [int(v) for v in values]
 
@@ -63,7 +64,7 @@ def normalize_axis(axis: int | None, ndim: int) -> int:
     """Array axis (negative allowed, ``None``: the last) as a non-negative index of a ``ndim``-D spatial shape."""
     if axis is None:
         return ndim - 1
-    if not _is_int(axis) or not -ndim <= int(axis) < ndim:
+    if not is_whole_number(axis) or not -ndim <= int(axis) < ndim:
         raise ValueError(f"axis must be an integer in [{-ndim}, {ndim - 1}] for a {ndim}D image, got {axis!r}")
     return int(axis) % ndim
 
@@ -158,7 +159,7 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
         propagate = False
     if has_slice_box:
         sb = _int_list("slice_box", slice_box, 4)
-        if not _is_int(slice_index):
+        if not is_whole_number(slice_index):
             raise ValueError(f"slice_index must be an integer, got {slice_index!r}")
         k = int(slice_index)
         if not 0 <= k < shape[axis]:
@@ -206,6 +207,6 @@ def _as_list(name: str, value: Any) -> list:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a list of voxel indices like [[i, j, k], ...], got {value!r}")
     value = list(value)
-    if value and _is_int(value[0]):  # a single point given flat
+    if value and is_whole_number(value[0]):  # a single point given flat
         value = [value]
     return value

@@ -21,7 +21,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from bundle.inferers.volume_prompts import PromptPlan, plan_prompts
+from bundle.inferers.volume_prompts import PromptPlan, is_whole_number, plan_prompts
 
 MODES = ("2d", "3d")
 AXIS = 2  # slices are taken along z, the third voxel index: what Slicer / OHIF clicks carry
@@ -49,14 +49,6 @@ class InteractiveRequest:
     @property
     def slices(self) -> list[int]:
         return sorted({k for plan in self.plans for k in plan.seeds})
-
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, numbers.Integral):
-        return True
-    return isinstance(value, numbers.Real) and float(value).is_integer()
 
 
 def _int_or_round(name: str, value: Any) -> int:
@@ -120,7 +112,7 @@ def parse_request(request: dict, shape: tuple[int, int, int], default_mode: str 
 
     slice_index = request.get("slice")
     if slice_index is not None and slice_index != "" and not (isinstance(slice_index, numbers.Real) and slice_index < 0):
-        if not _is_int(slice_index):
+        if not is_whole_number(slice_index):
             raise RequestError(f"slice must be an integer slice index z, got {slice_index!r}")
         slice_index = int(slice_index)
         if not 0 <= slice_index < shape[AXIS]:
