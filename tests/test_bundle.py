@@ -51,3 +51,25 @@ def test_large_files_list_names_the_official_sam_checkpoint():
     large = yaml.safe_load((ROOT / "models/large_files.yml").read_text())
     entry = next(item for item in large["large_files"] if item["path"].endswith("sam_vit_b_01ec64.pth"))
     assert entry["hash_val"] == "01ec64d29a2fca3f0661936605ae66f8" and entry["hash_type"] == "md5"
+
+
+def test_vit_b_override_switches_inference_and_training_to_the_papers_network(tmp_path):
+    import pytest
+    from monai.bundle import ConfigParser
+
+    for base in ("inference.json", "train.json"):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / base), str(ROOT / "configs" / "vit_b.json")])
+        parser["bundle_root"] = str(tmp_path)
+        net_def = parser["network_def"]
+        assert {k: net_def[k] for k in ("backbone", "image_size", "conv_branch", "fusion", "decoder_tokens")} == {
+            "backbone": "vit_b", "image_size": 256, "conv_branch": "resnet34", "fusion": True, "decoder_tokens": "med"}
+        assert parser.get_parsed_content("pixel_normalization") == "sam"
+        assert parser.get_parsed_content("weights") == f"{tmp_path}/models/sam_unet_vit_b.pt"
+        with pytest.raises(RuntimeError) as error:  # a weight file the user has not supplied yet
+            parser.get_parsed_content("network_def")
+        assert "sam_unet_vit_b.pt" in str(error.value.__cause__)  # MONAI wraps the loader's error
+    parser["weights"] = ""
+    net = parser.get_parsed_content("network_def")
+    assert net.config == {"backbone": "vit_b", "image_size": 256, "conv_branch": "resnet34", "fusion": True, "decoder_tokens": "med"}
+    assert sum(p.numel() for p in net.parameters()) == 116_019_884

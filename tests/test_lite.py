@@ -236,3 +236,26 @@ def test_lite_scale_uses_the_unpadded_region():
     assert out[:, 96:].abs().max() == 0
     assert torch.allclose(LiteMedSAMScaled("image")({"image": frame, "original_hw": (45, 120)})["image"], out)
     assert LiteMedSAMScale()(torch.full((3, 256, 256), 7.0)).abs().max() == 0
+
+
+def test_tune_malloc_keeps_the_output_bit_for_bit():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, '.')\n"
+        "from bundle.networks import SAMUNet\n"
+        "from bundle.networks.cpu import tune_malloc\n"
+        "torch.manual_seed(0)\n"
+        "net = SAMUNet('tiny_vit', 64, 'none', False, 'sam', None).eval()\n"
+        "image, box = torch.rand(2, 3, 64, 64), torch.tensor([[5.0, 6.0, 50.0, 40.0]] * 2)\n"
+        "with torch.no_grad():\n"
+        "    before = net(image, boxes=box)\n"
+        "    assert tune_malloc() == sys.platform.startswith('linux')\n"
+        "    after = [net(image, boxes=box) for _ in range(2)]\n"
+        "assert all(torch.equal(before, a) for a in after)\n"
+        "print('same')\n"
+    )  # a subprocess, because the setting is process-wide
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Faults: a training run killed mid-epoch resumes from its last checkpoint and ends at the same total iteration
-count; checkpoints read while the run writes them (and after the kill) are never truncated (atomic writes)."""
+count; checkpoints read while the run writes them (and after the kill) are never truncated (atomic writes); a time
+limit stops a run cleanly with its final checkpoint."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from train_helpers import PYTHON, REPO_ROOT, SMALL_NET, bundle_args, convert_bra
 EPOCHS, PER_EPOCH = 2, 3  # 6 training images, batch 2: killed inside epoch 2
 
 
-def _command(tmp_path, train_json, val_json, resume: bool):
+def _command(tmp_path, train_json, val_json, resume: bool, **extra):
     overrides = {
         "bundle_root": str(tmp_path),
         "train_json": str(train_json),
@@ -31,6 +32,7 @@ def _command(tmp_path, train_json, val_json, resume: bool):
         "cache": "none",
         "resume": resume,
         **SMALL_NET,
+        **extra,
     }
     return [PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *bundle_args(overrides)]
 
@@ -83,3 +85,15 @@ def test_killed_run_resumes_to_the_same_iteration_count(tmp_path_factory, tmp_pa
     # only the remaining iterations ran after the resume, starting inside the interrupted epoch
     assert log.count("train_loss:") == EPOCHS * PER_EPOCH - killed_at, log[-3000:]
     assert f"Epoch: 2/{EPOCHS}, Iter: {killed_at - PER_EPOCH + 1}/{PER_EPOCH}" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_time_limit_stops_training_and_writes_the_final_checkpoint(tmp_path_factory, tmp_path):
+    root = convert_brain(tmp_path_factory.getbasetemp())
+    train_json, val_json = write_split(root, "time_limit", train_limit=6, val_limit=2)
+    command = _command(tmp_path, train_json, val_json, resume=False, max_epochs=1000, time_limit=2)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env_one_thread(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Reached the time limit: 2 sec" in done.stdout + done.stderr
+    final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True, map_location="cpu")
+    assert 1 <= final["trainer"]["iteration"] < 1000 * PER_EPOCH
