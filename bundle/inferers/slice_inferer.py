@@ -160,7 +160,9 @@ class PromptedSliceInferer:
         self.margin = float(margin)
         self.min_area = int(min_area)
         self.min_contrast = float(min_contrast)
-        self.device = torch.device(device) if device is not None else next(network.parameters()).device
+        if device is None:  # the network's device; CPU for networks without parameters (ONNX Runtime sessions)
+            device = next((p.device for p in network.parameters()), torch.device("cpu"))
+        self.device = torch.device(device)
         self.network.to(self.device).eval()
         self.amp = amp and self.device.type == "cuda"
         self.image_size = int(network.image_size)

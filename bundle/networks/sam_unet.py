@@ -56,6 +56,9 @@ class SAMUNet(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.backbone = backbone
+        # the architecture arguments (weights excluded), recorded in exported models and compared when loading them
+        self.config = {"backbone": backbone, "image_size": image_size, "conv_branch": conv_branch, "fusion": bool(fusion),
+                       "decoder_tokens": decoder_tokens}
         self.image_encoder = build_backbone(backbone, image_size)
         self.image_encoder.requires_grad_(False)
         embedding_size = self.image_encoder.embedding_size
@@ -161,7 +164,7 @@ class SAMUNet(nn.Module):
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Bilinearly resize low-resolution logits to the network input size."""
-        return F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return upsample_logits(low_res, self.image_size)
 
     def decode(self, features: dict[str, torch.Tensor], **prompts) -> torch.Tensor:
         """Decode prompts (see :meth:`decode_low_res`) into logits ``[N, 1, S, S]`` at the network input size."""
@@ -203,55 +206,65 @@ class SAMUNet(nn.Module):
             raise ValueError(f"image must be a normalised floating-point tensor, got dtype {image.dtype}")
 
     def _check_prompts(self, batch, boxes, points, point_labels, mask_inputs, image_index):
-        size = self.image_size
         device = self.prompt_encoder.no_mask_embed.weight.device
-        if points is not None and point_labels is None:
-            raise ValueError("points were given without point_labels (1 foreground, 0 background, -1 padding)")
-        if point_labels is not None and points is None:
-            raise ValueError("point_labels were given without points")
-        counts = {}
-        if boxes is not None:
-            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device)
-            if boxes.ndim != 2 or boxes.shape[1] != 4:
-                raise ValueError(f"boxes must be [N, 4] (x0, y0, x1, y1), got shape {tuple(boxes.shape)}")
-            if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-                raise ValueError(f"boxes must have x0 <= x1 and y0 <= y1 (XYXY), got {boxes.tolist()}")
-            if (boxes < 0).any() or (boxes > size - 1).any():
-                raise ValueError(f"boxes must lie inside the {size}x{size} network frame [0, {size - 1}], got {boxes.tolist()}")
-            counts["boxes"] = boxes.shape[0]
-        if points is not None:
-            points = torch.as_tensor(points, dtype=torch.float32, device=device)
-            point_labels = torch.as_tensor(point_labels, device=device)
-            if points.ndim != 3 or points.shape[2] != 2:
-                raise ValueError(f"points must be [N, P, 2] (x, y), got shape {tuple(points.shape)}")
-            if point_labels.shape != points.shape[:2]:
-                raise ValueError(
-                    f"point_labels must be [N, P] matching points {tuple(points.shape[:2])}, got {tuple(point_labels.shape)}"
-                )
-            if not torch.isin(point_labels, torch.tensor([-1, 0, 1], device=device)).all():
-                raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {point_labels.tolist()}")
-            valid = point_labels != -1
-            if ((points < 0) | (points > size - 1)).any(dim=-1)[valid].any():
-                raise ValueError(f"points must lie inside the {size}x{size} network frame [0, {size - 1}]")
-            counts["points"] = points.shape[0]
-        if mask_inputs is not None:
-            expected = (1, self.mask_input_size, self.mask_input_size)
-            if mask_inputs.ndim != 4 or tuple(mask_inputs.shape[1:]) != expected:
-                raise ValueError(f"mask_inputs must be [N, {', '.join(map(str, expected))}] low-res logits, got {tuple(mask_inputs.shape)}")
-            counts["mask_inputs"] = mask_inputs.shape[0]
-        if len(set(counts.values())) > 1:
-            raise ValueError(f"prompt batch sizes differ: {counts}")
-        n_prompts = next(iter(counts.values())) if counts else batch
-        if image_index is None:
-            if n_prompts != batch:
-                raise ValueError(
-                    f"{n_prompts} prompts for {batch} images: give one prompt per image or an image_index per prompt"
-                )
-            image_index = torch.arange(batch, device=device)
-        else:
-            image_index = torch.as_tensor(image_index, dtype=torch.long, device=device)
-            if image_index.shape != (n_prompts,) or (image_index < 0).any() or (image_index >= batch).any():
-                raise ValueError(f"image_index must hold {n_prompts} indices in [0, {batch}), got {image_index.tolist()}")
-        if not counts:
-            boxes = torch.tensor([[0.0, 0.0, size - 1.0, size - 1.0]], device=device).expand(batch, -1)
-        return boxes, points, point_labels, mask_inputs, image_index
+        return check_prompts(self.image_size, self.mask_input_size, device, batch, boxes, points, point_labels, mask_inputs, image_index)
+
+
+def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinearly resize low-resolution logits ``[N, 1, h, w]`` to ``[N, 1, size, size]``."""
+    return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+
+
+def check_prompts(size, mask_input_size, device, batch, boxes, points, point_labels, mask_inputs, image_index):
+    """Validate prompts for ``batch`` images in a ``size`` frame; returns them as tensors on ``device`` with
+    ``image_index`` filled in and, with no prompt at all, one whole-image box per image."""
+    if points is not None and point_labels is None:
+        raise ValueError("points were given without point_labels (1 foreground, 0 background, -1 padding)")
+    if point_labels is not None and points is None:
+        raise ValueError("point_labels were given without points")
+    counts = {}
+    if boxes is not None:
+        boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"boxes must be [N, 4] (x0, y0, x1, y1), got shape {tuple(boxes.shape)}")
+        if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+            raise ValueError(f"boxes must have x0 <= x1 and y0 <= y1 (XYXY), got {boxes.tolist()}")
+        if (boxes < 0).any() or (boxes > size - 1).any():
+            raise ValueError(f"boxes must lie inside the {size}x{size} network frame [0, {size - 1}], got {boxes.tolist()}")
+        counts["boxes"] = boxes.shape[0]
+    if points is not None:
+        points = torch.as_tensor(points, dtype=torch.float32, device=device)
+        point_labels = torch.as_tensor(point_labels, device=device)
+        if points.ndim != 3 or points.shape[2] != 2:
+            raise ValueError(f"points must be [N, P, 2] (x, y), got shape {tuple(points.shape)}")
+        if point_labels.shape != points.shape[:2]:
+            raise ValueError(
+                f"point_labels must be [N, P] matching points {tuple(points.shape[:2])}, got {tuple(point_labels.shape)}"
+            )
+        if not torch.isin(point_labels, torch.tensor([-1, 0, 1], device=device)).all():
+            raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {point_labels.tolist()}")
+        valid = point_labels != -1
+        if ((points < 0) | (points > size - 1)).any(dim=-1)[valid].any():
+            raise ValueError(f"points must lie inside the {size}x{size} network frame [0, {size - 1}]")
+        counts["points"] = points.shape[0]
+    if mask_inputs is not None:
+        expected = (1, mask_input_size, mask_input_size)
+        if mask_inputs.ndim != 4 or tuple(mask_inputs.shape[1:]) != expected:
+            raise ValueError(f"mask_inputs must be [N, {', '.join(map(str, expected))}] low-res logits, got {tuple(mask_inputs.shape)}")
+        counts["mask_inputs"] = mask_inputs.shape[0]
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"prompt batch sizes differ: {counts}")
+    n_prompts = next(iter(counts.values())) if counts else batch
+    if image_index is None:
+        if n_prompts != batch:
+            raise ValueError(
+                f"{n_prompts} prompts for {batch} images: give one prompt per image or an image_index per prompt"
+            )
+        image_index = torch.arange(batch, device=device)
+    else:
+        image_index = torch.as_tensor(image_index, dtype=torch.long, device=device)
+        if image_index.shape != (n_prompts,) or (image_index < 0).any() or (image_index >= batch).any():
+            raise ValueError(f"image_index must hold {n_prompts} indices in [0, {batch}), got {image_index.tolist()}")
+    if not counts:
+        boxes = torch.tensor([[0.0, 0.0, size - 1.0, size - 1.0]], device=device).expand(batch, -1)
+    return boxes, points, point_labels, mask_inputs, image_index

