@@ -242,6 +242,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--runtimes", nargs="+", default=["eager"], choices=["eager", "compiled", "onnx"])
     parser.add_argument("--repeats", type=int, default=1, help="timed volume runs per runtime (median)")
     parser.add_argument("--clicks", type=int, default=5, help="extra clicks to time")
+    parser.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's malloc defaults (inference.json tunes them on CPU)")
     parser.add_argument("--throughput", action="store_true", help="encoder throughput instead of volume inference")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -254,6 +255,10 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu" and not args.no_tune_malloc:
+        from bundle.networks.cpu import tune_malloc
+
+        tune_malloc()
     return throughput_mode(args, device) if args.throughput else volume_mode(args, device)
 
 

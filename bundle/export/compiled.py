@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from monai.data import MetaTensor
 
 from bundle.networks import SAMUNet
 
@@ -30,6 +31,8 @@ class CompiledEncoderSAMUNet(nn.Module):
         self.config = network.config
 
     def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        # a plain tensor: compilers do not trace through MONAI MetaTensor's __torch_function__
+        image = image.as_tensor() if isinstance(image, MetaTensor) else image
         return dict(zip(self.feature_names, self.encoder(image)))
 
     def decode_low_res(self, features, **prompts) -> torch.Tensor:
