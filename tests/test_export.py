@@ -287,3 +287,19 @@ def test_trt_config_without_tensorrt_keeps_the_network_exact():
     image, boxes = torch.rand(2, 3, 128, 128), torch.tensor([[4.0, 6.0, 90.0, 80.0]] * 2)
     with torch.no_grad():
         assert torch.equal(wrapped(image, boxes=boxes), net(image, boxes=boxes))
+
+
+@pytest.mark.slow
+def test_torch_compiled_encoder_is_exact_and_takes_meta_tensors():
+    from monai.data import MetaTensor
+
+    from bundle.export import torch_compile_encoder
+
+    net = trained_like("vit_tiny", 128, "none", False, "sam")
+    compiled = torch_compile_encoder(net)
+    image, boxes = torch.rand(2, 3, 128, 128), torch.tensor([[4.0, 6.0, 90.0, 80.0]] * 2)
+    with torch.no_grad():
+        expected = net(image, boxes=boxes)
+        got = compiled(MetaTensor(image), boxes=boxes)  # the inferer's preprocessing hands MetaTensors over
+    assert (got - expected).abs().max().item() < 1e-4
+    assert ((got > 0) == (expected > 0)).float().mean().item() >= 0.999
