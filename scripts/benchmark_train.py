@@ -132,12 +132,17 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-amp", dest="amp", action="store_false")
+    parser.add_argument("--tune-malloc", action="store_true", help="bundle.networks.cpu.tune_malloc() in the measuring process")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child is not None:
+        if args.tune_malloc:
+            from bundle.networks.cpu import tune_malloc
+
+            tune_malloc()
         print(json.dumps(measure(args, args.child)))
         return 0
 
