@@ -115,8 +115,8 @@ def to_slice_mask(low_res: torch.Tensor, item: TumourSlice, size: int = 256) -> 
     return np.asarray(logits[0]) > 0
 
 
-def dice_nsd(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float]) -> tuple[float, float]:
-    """Dice and NSD (2 mm) of one binary 2D prediction, with MONAI's metrics."""
+def dice_nsd(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[float, float]:
+    """Dice and NSD (2 mm) of one binary 2D or 3D prediction (``spacing`` in mm per axis), with MONAI's metrics."""
     from monai.metrics import compute_dice, compute_surface_dice
 
     def one_hot(mask):
@@ -213,7 +213,6 @@ def evaluate_volumes(data_dir: Path, config: Path, workdir: Path, threads: int, 
     3D Dice and NSD (2 mm, voxel spacing) of the written masks against the ground truth."""
     import subprocess
 
-    from monai.metrics import compute_dice, compute_surface_dice
     from monai.transforms import LoadImage
 
     from bundle.transforms import box3d_from_mask
@@ -241,11 +240,9 @@ def evaluate_volumes(data_dir: Path, config: Path, workdir: Path, threads: int, 
             raise FileNotFoundError(f"expected one mask for {case} in {workdir / 'out'}, found {written}")
         pred = np.asarray(load(written[0])) > 0
         truth, spacing = truths[case]
-        one_hot = lambda m: torch.cat([torch.as_tensor(~m)[None, None], torch.as_tensor(m)[None, None]], 1).float()
-        dice = float(compute_dice(one_hot(pred), one_hot(truth), include_background=False, ignore_empty=False))
-        nsd = compute_surface_dice(one_hot(pred), one_hot(truth), [NSD_TOLERANCE_MM], include_background=False, spacing=spacing)
+        dice, nsd = dice_nsd(pred, truth, spacing)
         rows.append({"case": case, "box": item["box"], "tumour_voxels": int(truth.sum()), "predicted_voxels": int(pred.sum()),
-                     "dice": dice, "nsd": float(nsd) if torch.isfinite(nsd).all() else 0.0, "mask": written[0].name})
+                     "dice": dice, "nsd": nsd, "mask": written[0].name})
     print(f"volume inference through {config.name}: {len(datalist)} cases in {elapsed:.1f} s (including start-up)")
     return rows
 

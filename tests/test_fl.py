@@ -18,15 +18,10 @@ from bundle.fl.exchange import (
     wire_bytes,
 )
 from bundle.fl.filters import ExcludeFrozenWeights
+from train_helpers import SMALL_ARCH
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {
-    "network_def#backbone": "vit_tiny",
-    "network_def#conv_branch": "resnet18",
-    "network_def#decoder_tokens": "med",
-    "weights": "",  # no starting weights (None is dropped as a command-line override)
-    "pixel_normalization": "sam",
-}
+SMALL = SMALL_ARCH
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import SMALL_ARCH
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "fl_simulate.py"
 SITES = {"site-1": ("brain1", 2), "site-2": ("breast1", 1)}  # site -> (scan, slices): different weights in FedAvg
 SMALL = {
-    "network_def#backbone": "vit_tiny",
-    "network_def#conv_branch": "resnet18",
-    "network_def#decoder_tokens": "med",
-    "weights": "",  # no starting weights (None is dropped as a command-line override)
-    "pixel_normalization": "sam",
+    **SMALL_ARCH,
     "batch_size": 1,
     "masks_per_image": 1,
     "num_workers": 0,

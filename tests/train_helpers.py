@@ -13,15 +13,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-#: small, fast network and frame for tests (same structure as ViT-B / ResNet34 at 256)
-SMALL_NET = {
+#: small, fast network for tests (same structure as ViT-B / ResNet34), as bundle config overrides
+SMALL_ARCH = {
     "network_def#backbone": "vit_tiny",
     "network_def#conv_branch": "resnet18",
     "network_def#decoder_tokens": "med",
     "weights": "",  # no starting weights (None is dropped as a command-line override)
     "pixel_normalization": "sam",
-    "image_size": 128,
 }
+#: ... in a 128 x 128 frame
+SMALL_NET = {**SMALL_ARCH, "image_size": 128}
 
 
 def slice_index(image_key: str) -> int:

@@ -4,7 +4,7 @@ from .checkpoint import load_for_export
 from .compiled import CompiledEncoderSAMUNet, torch_compile_encoder, trt_compile_encoder
 from .modules import ImageEncoderExport, PromptDecoderExport, pack_prompts
 from .onnx_export import export_onnx, verify_onnx
-from .onnx_runtime import OnnxSAMUNet, read_metadata
+from .onnx_runtime import OnnxSAMUNet
 from .torchscript import ScriptedSAMUNet, TorchScriptExport, trace_network
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "export_onnx",
     "load_for_export",
     "pack_prompts",
-    "read_metadata",
     "torch_compile_encoder",
     "trace_network",
     "trt_compile_encoder",

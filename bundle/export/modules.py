@@ -18,7 +18,6 @@ import torch.nn as nn
 
 from bundle.networks import SAMUNet
 
-ENCODER_INPUTS = ("image",)
 DECODER_PROMPT_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input")
 BOX_LABELS = (2.0, 3.0)
 PADDING_LABEL = -1.0

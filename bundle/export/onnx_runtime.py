@@ -20,14 +20,6 @@ from bundle.networks.sam_unet import check_prompts, upsample_logits
 from .modules import DECODER_PROMPT_INPUTS, pack_prompts
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file written by :func:`bundle.export.export_onnx`."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
 class OnnxSAMUNet(nn.Module):
     """``encoder.onnx`` + ``decoder.onnx`` in ONNX Runtime sessions.
 
