@@ -155,8 +155,15 @@ def onnx_session(encoder: torch.nn.Module, path: Path, threads: int, int8: bool 
     """Export ``encoder`` (batch 1) to ONNX, optionally quantise it dynamically to int8, open an ORT CPU session."""
     import onnxruntime as ort
 
-    torch.onnx.export(encoder, (torch.rand(1, 3, 256, 256),), str(path), dynamo=False, opset_version=17,
-                      input_names=["image"], output_names=["embedding"])
+    torch.onnx.export(
+        encoder,
+        (torch.rand(1, 3, 256, 256),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["embedding"],
+    )
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -178,7 +185,9 @@ def onnx_session(encoder: torch.nn.Module, path: Path, threads: int, int8: bool 
 
 
 # -------------------------------------------------------------------------------------------------------- sections
-def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tolerance: float, workdir: Path, only=None) -> dict:
+def encoders_section(
+    slices, threads: int, rounds: int, skip_compile: bool, tolerance: float, workdir: Path, only=None
+) -> dict:
     from evaluate_zero_shot import dice_nsd, to_slice_mask
 
     from bundle.networks.vit_backbone import ViTBackbone
@@ -193,19 +202,36 @@ def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tole
         "TinyViT eager fp32": (lambda: eager(tiny), "tiny", "baseline"),
         "TinyViT channels-last": (lambda: channels_last(tiny), "tiny", "model and input in channels_last"),
         "TinyViT fold BatchNorm": (lambda: eager(fold_batchnorm(tiny)), "tiny", "TinyViT's Conv2d_BN.fuse"),
-        "TinyViT fold BatchNorm + channels-last": (lambda: eager(fold_batchnorm(tiny).to(memory_format=torch.channels_last)), "tiny",
-                                                   "both of the above, NCHW input"),
+        "TinyViT fold BatchNorm + channels-last": (
+            lambda: eager(fold_batchnorm(tiny).to(memory_format=torch.channels_last)),
+            "tiny",
+            "both of the above, NCHW input",
+        ),
         "TinyViT dynamic int8 (torch)": (lambda: torch_int8(tiny), "tiny", "torch.ao quantize_dynamic, nn.Linear"),
         "TinyViT torch.compile": (lambda: compiled(tiny), "tiny", "inductor, freezing=True"),
-        "TinyViT ONNX Runtime fp32": (lambda: onnx_session(tiny, workdir / "tiny_vit.onnx", threads), "tiny", f"onnxruntime {ort.__version__}, ORT_ENABLE_ALL"),
-        "TinyViT ONNX Runtime dynamic int8": (lambda: onnx_session(tiny, workdir / "tiny_vit_q.onnx", threads, int8=True), "tiny", "onnxruntime.quantization.quantize_dynamic"),
+        "TinyViT ONNX Runtime fp32": (
+            lambda: onnx_session(tiny, workdir / "tiny_vit.onnx", threads),
+            "tiny",
+            f"onnxruntime {ort.__version__}, ORT_ENABLE_ALL",
+        ),
+        "TinyViT ONNX Runtime dynamic int8": (
+            lambda: onnx_session(tiny, workdir / "tiny_vit_q.onnx", threads, int8=True),
+            "tiny",
+            "onnxruntime.quantization.quantize_dynamic",
+        ),
         "ViT-B eager fp32": (lambda: eager(vit_b), "vit_b", "SAM ViT-B at 256"),
-        "ViT-B ONNX Runtime fp32": (lambda: onnx_session(vit_b, workdir / "vit_b.onnx", threads), "vit_b", "same runtime as TinyViT's best"),
+        "ViT-B ONNX Runtime fp32": (
+            lambda: onnx_session(vit_b, workdir / "vit_b.onnx", threads),
+            "vit_b",
+            "same runtime as TinyViT's best",
+        ),
     }
     if skip_compile:
         plan.pop("TinyViT torch.compile")
     if only:  # the baseline always runs: every variant is compared with it
-        plan = {name: step for name, step in plan.items() if name == "TinyViT eager fp32" or any(r in name for r in only)}
+        plan = {
+            name: step for name, step in plan.items() if name == "TinyViT eager fp32" or any(r in name for r in only)
+        }
     inputs = [s.image[None] for s in slices]
     fns, rows = {}, {}
     for name, (build, _, note) in plan.items():
@@ -228,8 +254,11 @@ def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tole
         row.update(stats(times[name]))
         row["speedup_vs_tinyvit_eager"] = statistics.median(b / t for b, t in zip(times[base], times[name]))
         if plan[name][1] == "vit_b":
-            row.update(params=sum(p.numel() for p in vit_b.parameters()), gmacs=count_macs(vit_b, inputs[0]) / 1e9,
-                       positions="256 tokens (16x16) in all 12 blocks; embedding 16x16")
+            row.update(
+                params=sum(p.numel() for p in vit_b.parameters()),
+                gmacs=count_macs(vit_b, inputs[0]) / 1e9,
+                positions="256 tokens (16x16) in all 12 blocks; embedding 16x16",
+            )
         else:
             dices, logits = [], []
             with torch.inference_mode():
@@ -246,8 +275,11 @@ def encoders_section(slices, threads: int, rounds: int, skip_compile: bool, tole
             row["max_abs_logit_diff"] = float(max((a - b).abs().max() for a, b in zip(logits, baseline_logits)))
             row["kept"] = abs(row["delta_dice"]) <= tolerance
             if name == base:
-                row.update(params=sum(p.numel() for p in tiny.parameters()), gmacs=count_macs(tiny, inputs[0]) / 1e9,
-                           positions="65,536 px (layers.0, convs) / 16,384 / 4,096 / 4,096 tokens; embedding 64x64")
+                row.update(
+                    params=sum(p.numel() for p in tiny.parameters()),
+                    gmacs=count_macs(tiny, inputs[0]) / 1e9,
+                    positions="65,536 px (layers.0, convs) / 16,384 / 4,096 / 4,096 tokens; embedding 64x64",
+                )
         print(f"  {name}: {row}", flush=True)
     return rows
 
@@ -266,6 +298,7 @@ def models_section(slices, rounds: int) -> dict:
         cached = {name: net.encode(inputs[0][0]) for name, net in nets.items()}
     fns = {}
     for name, net in nets.items():
+
         def encode(pair, net=net):
             with torch.inference_mode():
                 return net.encode(pair[0])
@@ -279,9 +312,12 @@ def models_section(slices, rounds: int) -> dict:
     times, _ = interleaved(fns, inputs, rounds=rounds)
     rows = {}
     for name, net in nets.items():
-        rows[name] = {"encode": stats(times[(name, "encode")]), "decode_one_box": stats(times[(name, "decode")]),
-                      "params": sum(p.numel() for p in net.parameters()),
-                      "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
+        rows[name] = {
+            "encode": stats(times[(name, "encode")]),
+            "decode_one_box": stats(times[(name, "decode")]),
+            "params": sum(p.numel() for p in net.parameters()),
+            "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        }
         print(f"  {name}: {rows[name]}", flush=True)
     return rows
 
@@ -292,10 +328,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="passes over the 13 tumour slices per row")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--dice-tolerance", type=float, default=0.005)
-    parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (its first call compiles for a minute or more)")
+    parser.add_argument(
+        "--skip-compile",
+        action="store_true",
+        help="leave out torch.compile (its first call compiles for a minute or more)",
+    )
     parser.add_argument("--sections", nargs="+", default=["encoders", "models"], choices=["encoders", "models"])
-    parser.add_argument("--rows", nargs="+", default=None, help="only the encoder rows whose name contains one of these")
-    parser.add_argument("--tune-malloc", action="store_true", help="bundle.networks.cpu.tune_malloc() first (process-wide: every row)")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, help="only the encoder rows whose name contains one of these"
+    )
+    parser.add_argument(
+        "--tune-malloc", action="store_true", help="bundle.networks.cpu.tune_malloc() first (process-wide: every row)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -318,12 +362,18 @@ def main(argv=None) -> int:
     if "encoders" in args.sections:
         print("encoders, batch 1 (TinyViT variants with the Dice check):", flush=True)
         with tempfile.TemporaryDirectory() as workdir:
-            record["encoders"] = encoders_section(slices, args.threads, args.rounds, args.skip_compile, args.dice_tolerance, Path(workdir), args.rows)
+            record["encoders"] = encoders_section(
+                slices, args.threads, args.rounds, args.skip_compile, args.dice_tolerance, Path(workdir), args.rows
+            )
     if "models" in args.sections:
         print("whole models, batch 1, one box:", flush=True)
         record["models"] = models_section(slices, args.rounds)
     record["load_average_after"] = os.getloadavg()[0]
-    print(json.dumps({k: record[k] for k in ("cpu", "threads", "malloc_tuned", "load_average_before", "load_average_after")}))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("cpu", "threads", "malloc_tuned", "load_average_before", "load_average_after")}
+        )
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2))

@@ -41,8 +41,13 @@ VOLUMES = {
 def summary(values: list[float]) -> dict:
     ordered = sorted(values)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return {"n": len(values), "median_ms": round(1000 * statistics.median(values), 1), "p90_ms": round(1000 * p90, 1),
-            "min_ms": round(1000 * ordered[0], 1), "max_ms": round(1000 * ordered[-1], 1)}
+    return {
+        "n": len(values),
+        "median_ms": round(1000 * statistics.median(values), 1),
+        "p90_ms": round(1000 * p90, 1),
+        "min_ms": round(1000 * ordered[0], 1),
+        "max_ms": round(1000 * ordered[-1], 1),
+    }
 
 
 def run(url: str, image: Path, roi: list[int], slice_index: int, click: list[int], clicks: int, workdir: Path) -> dict:
@@ -89,7 +94,9 @@ def run(url: str, image: Path, roi: list[int], slice_index: int, click: list[int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--volume", choices=sorted(VOLUMES), default="crop", help="preset volume (default: the 96x96x8 test crop)")
+    parser.add_argument(
+        "--volume", choices=sorted(VOLUMES), default="crop", help="preset volume (default: the 96x96x8 test crop)"
+    )
     parser.add_argument("--url", help="use a running server instead of starting one")
     parser.add_argument("--clicks", type=int, default=20, help="cached clicks to time (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the started server")

@@ -37,8 +37,17 @@ def build(kind: str, conv_branch: str):
         from segment_anything.modeling import ImageEncoderViT
 
         return ImageEncoderViT(
-            img_size=256, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, out_chans=256, qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=14, global_attn_indexes=(2, 5, 8, 11),
+            img_size=256,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            mlp_ratio=4,
+            out_chans=256,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=14,
+            global_attn_indexes=(2, 5, 8, 11),
         ).eval()
     return SAMUNet("vit_b", conv_branch=conv_branch).eval()
 
@@ -68,7 +77,10 @@ def peak_memory_child(kind: str, step: str, conv_branch: str, threads: int) -> t
     with torch.inference_mode():
         features = net.encode(image) if kind == "samunet" else None
         box = torch.tensor([[30.0, 40.0, 200.0, 210.0]])
-        run = {"encode": lambda: net.encode(image) if kind == "samunet" else net(image), "decode": lambda: net.decode(features, boxes=box)}[step]
+        run = {
+            "encode": lambda: net.encode(image) if kind == "samunet" else net(image),
+            "decode": lambda: net.decode(features, boxes=box),
+        }[step]
         Path("/proc/self/clear_refs").write_text("5")
         before = read_status("VmRSS")
         run()
@@ -80,7 +92,9 @@ def measure_peak(kind: str, step: str, conv_branch: str, threads: int) -> tuple[
     """Peak memory of one step in a fresh process, in MiB: (process total, added by the step)."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, step, "--conv-branch", conv_branch, "--threads", str(threads)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     total, added = out.stdout.strip().splitlines()[-1].split()
     return int(total) / 2**20, int(added) / 2**20
@@ -112,7 +126,10 @@ def main(argv=None) -> dict:
         for i in range(args.repeats):  # interleaved
             encode_ours += timed(lambda: net.encode(image), 1)
             encode_sam += timed(lambda: sam(image), 1)
-            print(f"  encode {i + 1}/{args.repeats}: ours {encode_ours[-1]:.3f} s, sam {encode_sam[-1]:.3f} s", file=sys.stderr)
+            print(
+                f"  encode {i + 1}/{args.repeats}: ours {encode_ours[-1]:.3f} s, sam {encode_sam[-1]:.3f} s",
+                file=sys.stderr,
+            )
         features = net.encode(image)
         index8 = torch.zeros(8, dtype=torch.long)
         for _ in range(3):

@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-amp", dest="amp", action="store_false")
-    parser.add_argument("--tune-malloc", action="store_true", help="bundle.networks.cpu.tune_malloc() in the measuring process")
+    parser.add_argument(
+        "--tune-malloc", action="store_true", help="bundle.networks.cpu.tune_malloc() in the measuring process"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -150,7 +152,13 @@ def main(argv=None) -> int:
     for k in args.interactive_iterations:
         if args.device == "cpu":
             # a fresh process per setting so the peak RSS belongs to that setting alone
-            cmd = [sys.executable, __file__, *[a for a in (argv if argv is not None else sys.argv[1:])], "--child", str(k)]
+            cmd = [
+                sys.executable,
+                __file__,
+                *[a for a in (argv if argv is not None else sys.argv[1:])],
+                "--child",
+                str(k),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
         else:

@@ -49,7 +49,10 @@ DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "lung1_image.nrrd"
 DEFAULT_BOX = [201, 342, 32, 234, 377, 34]
 NETWORKS = {  # --backbone -> SAMUNet arguments and pixel normalisation
     "tiny_vit": (dict(backbone="tiny_vit", conv_branch="none", fusion=False, decoder_tokens="sam"), "litemedsam"),
-    "tiny_vit_unet": (dict(backbone="tiny_vit", conv_branch="resnet34", fusion=True, decoder_tokens="sam"), "litemedsam"),
+    "tiny_vit_unet": (
+        dict(backbone="tiny_vit", conv_branch="resnet34", fusion=True, decoder_tokens="sam"),
+        "litemedsam",
+    ),
     "vit_b": (dict(backbone="vit_b", conv_branch="resnet34", fusion=True, decoder_tokens="med"), "sam"),
 }
 
@@ -82,9 +85,16 @@ def run_volume(runtime, normalization: str, args, device, out: Path):
     """One volume inference with a fresh cache: (seconds, result, inferer stats)."""
     from bundle.inferers import EmbeddingCache, PromptedSliceInferer, VolumeInferenceRunner
 
-    inferer = PromptedSliceInferer(runtime, normalization, batch_size=args.batch_size, cache=EmbeddingCache(), device=device)
-    runner = VolumeInferenceRunner(inferer, [{"image": args.image, "box": json.loads(args.box)}], str(out),
-                                   modality=args.modality, weights=args.weights or "random")
+    inferer = PromptedSliceInferer(
+        runtime, normalization, batch_size=args.batch_size, cache=EmbeddingCache(), device=device
+    )
+    runner = VolumeInferenceRunner(
+        inferer,
+        [{"image": args.image, "box": json.loads(args.box)}],
+        str(out),
+        modality=args.modality,
+        weights=args.weights or "random",
+    )
     synchronize(device)
     t0 = time.perf_counter()
     result = runner.run()[0]
@@ -103,7 +113,9 @@ def time_clicks(inferer, args, device) -> list[float]:
     volume = np.asarray(ModalityNormalize(modality=args.modality, out_channels=1)(load_image(args.image)))[0]
     k = (box[2] + box[5]) // 2
     image_id = (os.path.abspath(args.image), args.modality)  # the runner's cache key
-    click = SlicePrompt(box=(box[0], box[1], box[3], box[4]), points=[((box[0] + box[3]) // 2, (box[1] + box[4]) // 2)], labels=[1])
+    click = SlicePrompt(
+        box=(box[0], box[1], box[3], box[4]), points=[((box[0] + box[3]) // 2, (box[1] + box[4]) // 2)], labels=[1]
+    )
     encoded_before = inferer.stats["encoded"]
     latencies = []
     for _ in range(args.clicks):
@@ -136,23 +148,27 @@ def volume_mode(args, device) -> dict:
             first_s, _, _ = run_volume(runtime, normalization, args, device, workdir / f"{name}_warmup")
             times = []
             for repeat in range(args.repeats):
-                seconds, result, inferer = run_volume(runtime, normalization, args, device, workdir / f"{name}_{repeat}")
+                seconds, result, inferer = run_volume(
+                    runtime, normalization, args, device, workdir / f"{name}_{repeat}"
+                )
                 times.append(seconds)
             clicks = time_clicks(inferer, args, device)
             mask = np.asarray(nib.load(result["mask"]).dataobj) > 0
             reference = mask if reference is None else reference
             stats = dict(inferer.stats)
-            rows.append({
-                "runtime": name,
-                "setup_s": round(setup_s, 2),
-                "first_volume_s": round(first_s, 2),
-                "seconds_per_volume": round(statistics.median(times), 2),
-                "slices": len(result["prompted_slices"]),
-                "encode_s_per_slice": round(stats["encode_s"] / max(stats["encoded"], 1), 3),
-                "extra_click_ms_median": round(1000 * statistics.median(clicks), 1),
-                "mask_voxels": int(mask.sum()),
-                "mask_agreement_with_first": float((mask == reference).mean()),
-            })
+            rows.append(
+                {
+                    "runtime": name,
+                    "setup_s": round(setup_s, 2),
+                    "first_volume_s": round(first_s, 2),
+                    "seconds_per_volume": round(statistics.median(times), 2),
+                    "slices": len(result["prompted_slices"]),
+                    "encode_s_per_slice": round(stats["encode_s"] / max(stats["encoded"], 1), 3),
+                    "extra_click_ms_median": round(1000 * statistics.median(clicks), 1),
+                    "mask_voxels": int(mask.sum()),
+                    "mask_agreement_with_first": float((mask == reference).mean()),
+                }
+            )
             del runtime
     base = rows[0]["seconds_per_volume"]
     for row in rows:
@@ -161,7 +177,8 @@ def volume_mode(args, device) -> dict:
         "image": os.path.basename(args.image),
         "shape": list(load_image(args.image).shape[1:]),
         "box": json.loads(args.box),
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({args.threads} threads)"),
+        "device": str(device)
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({args.threads} threads)"),
         "cpu": platform.processor() or platform.machine(),
         "backbone": args.backbone,
         "batch_size": args.batch_size,
@@ -173,9 +190,11 @@ def volume_mode(args, device) -> dict:
     }
     print(json.dumps(summary, indent=2))
     for row in rows:
-        print(f"| {summary['image']} | {summary['device']} | {args.backbone} | {row['runtime']} | {row['slices']} | "
-              f"{row['seconds_per_volume']} | {row['speedup_vs_first']} | {row['encode_s_per_slice']} | "
-              f"{row['extra_click_ms_median']} | {row['mask_agreement_with_first']:.5f} |")
+        print(
+            f"| {summary['image']} | {summary['device']} | {args.backbone} | {row['runtime']} | {row['slices']} | "
+            f"{row['seconds_per_volume']} | {row['speedup_vs_first']} | {row['encode_s_per_slice']} | "
+            f"{row['extra_click_ms_median']} | {row['mask_agreement_with_first']:.5f} |"
+        )
     return summary
 
 
@@ -191,7 +210,9 @@ def throughput_mode(args, device) -> dict:
     for dtype in args.dtypes:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         for batch in args.batch_sizes:
-            image = torch.rand(batch, 3, args.image_size, args.image_size, device=device).to(memory_format=torch.channels_last)
+            image = torch.rand(batch, 3, args.image_size, args.image_size, device=device).to(
+                memory_format=torch.channels_last
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -208,9 +229,20 @@ def throughput_mode(args, device) -> dict:
             except torch.OutOfMemoryError:
                 rows.append({"dtype": dtype, "batch": batch, "error": "out of memory"})
                 continue
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            rows.append({"dtype": dtype, "batch": batch, "seconds_per_batch": seconds, "slices_per_s": batch / seconds,
-                         "peak_memory_gib": peak / 2**30})
+            peak = (
+                torch.cuda.max_memory_allocated(device)
+                if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "batch": batch,
+                    "seconds_per_batch": seconds,
+                    "slices_per_s": batch / seconds,
+                    "peak_memory_gib": peak / 2**30,
+                }
+            )
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({args.threads} threads)",
         "backbone": args.backbone,
@@ -223,8 +255,10 @@ def throughput_mode(args, device) -> dict:
         if "error" in row:
             print(f"| {summary['device']} | {args.backbone} | {row['dtype']} | {row['batch']} | {row['error']} | | |")
         else:
-            print(f"| {summary['device']} | {args.backbone} | {row['dtype']} | {row['batch']} | {row['slices_per_s']:.1f} | "
-                  f"{1000 * row['seconds_per_batch']:.1f} | {row['peak_memory_gib']:.2f} |")
+            print(
+                f"| {summary['device']} | {args.backbone} | {row['dtype']} | {row['batch']} | {row['slices_per_s']:.1f} | "
+                f"{1000 * row['seconds_per_batch']:.1f} | {row['peak_memory_gib']:.2f} |"
+            )
     return summary
 
 
@@ -237,12 +271,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=8, help="volume mode: slices per encoder call")
     parser.add_argument("--weights", default="litemedsam", help="checkpoint, 'litemedsam', or '' for random weights")
-    parser.add_argument("--backbone", default="tiny_vit", choices=sorted(NETWORKS),
-                        help="tiny_vit (LiteMedSAM default), tiny_vit_unet (SAM-UNet-Lite), vit_b (SAM-UNet)")
+    parser.add_argument(
+        "--backbone",
+        default="tiny_vit",
+        choices=sorted(NETWORKS),
+        help="tiny_vit (LiteMedSAM default), tiny_vit_unet (SAM-UNet-Lite), vit_b (SAM-UNet)",
+    )
     parser.add_argument("--runtimes", nargs="+", default=["eager"], choices=["eager", "compiled", "onnx"])
     parser.add_argument("--repeats", type=int, default=1, help="timed volume runs per runtime (median)")
     parser.add_argument("--clicks", type=int, default=5, help="extra clicks to time")
-    parser.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's malloc defaults (inference.json tunes them on CPU)")
+    parser.add_argument(
+        "--no-tune-malloc", action="store_true", help="keep glibc's malloc defaults (inference.json tunes them on CPU)"
+    )
     parser.add_argument("--throughput", action="store_true", help="encoder throughput instead of volume inference")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -254,7 +294,11 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if device.type == "cpu" and not args.no_tune_malloc:
         from bundle.networks.cpu import tune_malloc
 

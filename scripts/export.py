@@ -69,12 +69,20 @@ def check_slices(path: Path, modality: str, pixel_normalization: str, size: int,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", nargs="+", default=[str(ROOT / "configs" / "inference.json")], help="bundle config file(s)")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint file or 'litemedsam' (default: the config's weights)")
+    parser.add_argument(
+        "--config", nargs="+", default=[str(ROOT / "configs" / "inference.json")], help="bundle config file(s)"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="checkpoint file or 'litemedsam' (default: the config's weights)"
+    )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--check-image", type=Path, default=DEFAULT_CHECK_IMAGE, help="real scan whose slices check the export")
+    parser.add_argument(
+        "--check-image", type=Path, default=DEFAULT_CHECK_IMAGE, help="real scan whose slices check the export"
+    )
     parser.add_argument("--check-modality", default="ct", help="modality of --check-image (ct, mr, ...)")
-    parser.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference| ONNX Runtime vs PyTorch")
+    parser.add_argument(
+        "--atol", type=float, default=1e-3, help="largest allowed |logit difference| ONNX Runtime vs PyTorch"
+    )
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -25,7 +25,7 @@ def test_data_dir() -> Path:
 
 def _write_dicom_series(volume: np.ndarray, spacing, origin, folder: Path, modality: str) -> Path:
     """Write an int16 ``[x, y, z]`` volume (MONAI/ITK index order) as a DICOM series, identity direction."""
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 

@@ -30,9 +30,22 @@ def test_metadata_declares_network_io_and_versions():
 
 def test_verify_net_in_out_runs_as_users_run_it():
     run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
-         "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "data shape of network is verified with no error" in run.stdout + run.stderr
@@ -40,8 +53,10 @@ def test_verify_net_in_out_runs_as_users_run_it():
 
 def test_inference_config_has_the_properties_monai_requires():
     workflow = ConfigWorkflow(
-        config_file=str(ROOT / "configs/inference.json"), meta_file=str(ROOT / "configs/metadata.json"),
-        workflow_type="infer", logging_file=None,
+        config_file=str(ROOT / "configs/inference.json"),
+        meta_file=str(ROOT / "configs/metadata.json"),
+        workflow_type="infer",
+        logging_file=None,
     )
     workflow.initialize()
     assert workflow.check_properties() in (None, [])
@@ -63,7 +78,12 @@ def test_vit_b_override_switches_inference_and_training_to_the_papers_network(tm
         parser["bundle_root"] = str(tmp_path)
         net_def = parser["network_def"]
         assert {k: net_def[k] for k in ("backbone", "image_size", "conv_branch", "fusion", "decoder_tokens")} == {
-            "backbone": "vit_b", "image_size": 256, "conv_branch": "resnet34", "fusion": True, "decoder_tokens": "med"}
+            "backbone": "vit_b",
+            "image_size": 256,
+            "conv_branch": "resnet34",
+            "fusion": True,
+            "decoder_tokens": "med",
+        }
         assert parser.get_parsed_content("pixel_normalization") == "sam"
         assert parser.get_parsed_content("weights") == f"{tmp_path}/models/sam_unet_vit_b.pt"
         with pytest.raises(RuntimeError) as error:  # a weight file the user has not supplied yet
@@ -71,5 +91,11 @@ def test_vit_b_override_switches_inference_and_training_to_the_papers_network(tm
         assert "sam_unet_vit_b.pt" in str(error.value.__cause__)  # MONAI wraps the loader's error
     parser["weights"] = ""
     net = parser.get_parsed_content("network_def")
-    assert net.config == {"backbone": "vit_b", "image_size": 256, "conv_branch": "resnet34", "fusion": True, "decoder_tokens": "med"}
+    assert net.config == {
+        "backbone": "vit_b",
+        "image_size": 256,
+        "conv_branch": "resnet34",
+        "fusion": True,
+        "decoder_tokens": "med",
+    }
     assert sum(p.numel() for p in net.parameters()) == 116_019_884

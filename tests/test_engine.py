@@ -46,7 +46,12 @@ def batch(n_images=2, empty_second_mask=False):
     masks = torch.stack([torch.stack([disc(40 + 10 * i, 50, 12), disc(90, 80 + 5 * i, 9)]) for i in range(n_images)])
     if empty_second_mask:
         masks[0, 1] = 0
-    return {"image": image, "label": masks, "modality": ["mr"] * n_images, "original_hw": torch.tensor([[SIZE, SIZE]] * n_images)}
+    return {
+        "image": image,
+        "label": masks,
+        "modality": ["mr"] * n_images,
+        "original_hw": torch.tensor([[SIZE, SIZE]] * n_images),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -179,7 +184,9 @@ def test_evaluator_scores_every_mode_and_counts_empty_masks(net, tmp_path):
 
 def test_evaluator_is_repeatable(net):
     def run():
-        evaluator = SAMUNetEvaluator(device="cpu", val_data_loader=[batch()], network=net, prompt_modes=["points:3", "interactive:1"])
+        evaluator = SAMUNetEvaluator(
+            device="cpu", val_data_loader=[batch()], network=net, prompt_modes=["points:3", "interactive:1"]
+        )
         evaluator.run()
         return [(r["mode"], r["dice"]) for r in evaluator.state.output["rows"]]
 
@@ -234,7 +241,12 @@ def test_interval_checkpoint_has_a_fixed_name(tmp_path):
 
     model = torch.nn.Linear(2, 2)
     saver = AtomicCheckpointSaver(
-        str(tmp_path), {"model": model}, save_interval=2, epoch_level=False, interval_filename="checkpoint_last.pt", n_saved=1
+        str(tmp_path),
+        {"model": model},
+        save_interval=2,
+        epoch_level=False,
+        interval_filename="checkpoint_last.pt",
+        n_saved=1,
     )
     engine = Engine(lambda e, b: None)
     saver.attach(engine)

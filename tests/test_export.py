@@ -1,4 +1,4 @@
-"""Export (issue 9): TorchScript through ckpt_export, ONNX encoder / decoder, ONNX Runtime inference, compiled encoders."""
+"""Export: TorchScript through ckpt_export, ONNX encoder / decoder, ONNX Runtime inference, compiled encoders."""
 
 from __future__ import annotations
 
@@ -28,8 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 SMALL = ("vit_tiny", 128, "resnet18", True, "med")  # backbone, image_size, conv_branch, fusion, decoder_tokens
-SMALL_OVERRIDES = ["--network_def#backbone", "vit_tiny", "--network_def#image_size", "128", "--network_def#conv_branch",
-                   "resnet18", "--network_def#fusion", "True", "--network_def#decoder_tokens", "med", "--weights", ""]
+SMALL_OVERRIDES = [
+    "--network_def#backbone",
+    "vit_tiny",
+    "--network_def#image_size",
+    "128",
+    "--network_def#conv_branch",
+    "resnet18",
+    "--network_def#fusion",
+    "True",
+    "--network_def#decoder_tokens",
+    "med",
+    "--weights",
+    "",
+]
 
 
 def trained_like(*config) -> SAMUNet:
@@ -78,7 +90,9 @@ def test_export_modules_equal_the_network(config):
 
 
 def test_pack_prompts_follows_sam_onnx_order():
-    coords, labels = pack_prompts(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[[9.0, 8.0]]]), torch.tensor([[0]]))
+    coords, labels = pack_prompts(
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[[9.0, 8.0]]]), torch.tensor([[0]])
+    )
     assert coords.tolist() == [[[9.0, 8.0], [1.0, 2.0], [3.0, 4.0]]] and labels.tolist() == [[0.0, 2.0, 3.0]]
     coords, labels = pack_prompts(None, torch.tensor([[[9.0, 8.0]]]), torch.tensor([[1]]))
     assert labels.tolist() == [[1.0, -1.0]] and coords[0, 1].tolist() == [0.0, 0.0]
@@ -127,7 +141,14 @@ def test_onnx_files_carry_metadata_and_refuse_mixed_pairs(small_onnx, tmp_path):
     net, files = small_onnx
     meta = {p.key: p.value for p in onnx.load(str(files["decoder.onnx"])).metadata_props}
     assert meta["part"] == "prompt_decoder" and json.loads(meta["network"]) == net.config
-    assert json.loads(meta["inputs"]) == ["embedding", "multi_scale", "point_coords", "point_labels", "mask_input", "has_mask_input"]
+    assert json.loads(meta["inputs"]) == [
+        "embedding",
+        "multi_scale",
+        "point_coords",
+        "point_labels",
+        "mask_input",
+        "has_mask_input",
+    ]
     assert meta["bundle_name"] == "SAM-UNet" and len(meta["weights_fingerprint"]) == 16
     other = trained_like(*SMALL)
     with torch.no_grad():
@@ -178,8 +199,20 @@ def test_load_for_export_is_strict_and_names_the_mismatch(tmp_path):
 
 
 def _ckpt_export(checkpoint: Path, target: Path, *overrides: str):
-    command = [PYTHON, "-m", "monai.bundle", "ckpt_export", "export_network", "--config_file", "configs/inference.json",
-               "--ckpt_file", str(checkpoint), "--filepath", str(target), *overrides]
+    command = [
+        PYTHON,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "export_network",
+        "--config_file",
+        "configs/inference.json",
+        "--ckpt_file",
+        str(checkpoint),
+        "--filepath",
+        str(target),
+        *overrides,
+    ]
     return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
@@ -217,8 +250,14 @@ def test_export_script_refuses_a_mismatched_checkpoint(tmp_path):
     wrong = SAMUNet("vit_tiny", 128, "none", False, "med", None)
     torch.save({"model": wrong.state_dict()}, tmp_path / "wrong.pt")
     out = tmp_path / "models"
-    done = subprocess.run([PYTHON, "scripts/export.py", "--checkpoint", str(tmp_path / "wrong.pt"), "--output-dir", str(out)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [PYTHON, "scripts/export.py", "--checkpoint", str(tmp_path / "wrong.pt"), "--output-dir", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2
     assert "export stopped, nothing written" in done.stderr and "backbone=tiny_vit" in done.stderr
     assert not out.exists() or list(out.iterdir()) == []
@@ -228,8 +267,14 @@ def test_export_script_refuses_a_mismatched_checkpoint(tmp_path):
 def lite_onnx(tmp_path_factory):
     """The default network (real LiteMedSAM weights) exported by scripts/export.py, checked on real CT slices."""
     out = tmp_path_factory.mktemp("lite_onnx")
-    done = subprocess.run([PYTHON, "scripts/export.py", "--output-dir", str(out)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        [PYTHON, "scripts/export.py", "--output-dir", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -253,8 +298,23 @@ def test_exported_litemedsam_equals_pytorch_on_real_slices(lite_onnx, test_data_
 
 
 def _infer(configs: str, out: Path, image: Path, box, *extra: str):
-    command = [PYTHON, "-m", "monai.bundle", "run", "--config_file", configs, "--input_image", str(image), "--modality", "ct",
-               "--box", json.dumps(box), "--output_dir", str(out), *extra]
+    command = [
+        PYTHON,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        configs,
+        "--input_image",
+        str(image),
+        "--modality",
+        "ct",
+        "--box",
+        json.dumps(box),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return next(out.glob("*_seg.nii.gz"))
@@ -265,8 +325,14 @@ def test_onnx_inference_config_writes_the_pytorch_mask(lite_onnx, test_data_dir,
     import nibabel as nib
 
     image, box = shared_data_dir / "lung1_image.nrrd", [201, 342, 32, 234, 377, 34]  # the lung1 tumour with a margin
-    onnx_mask = _infer("['configs/inference.json','configs/inference_onnx.json']", tmp_path / "onnx", image, box,
-                       "--onnx_dir", str(lite_onnx))
+    onnx_mask = _infer(
+        "['configs/inference.json','configs/inference_onnx.json']",
+        tmp_path / "onnx",
+        image,
+        box,
+        "--onnx_dir",
+        str(lite_onnx),
+    )
     torch_mask = _infer("configs/inference.json", tmp_path / "torch", image, box)
     a, b = nib.load(onnx_mask), nib.load(torch_mask)
     assert np.allclose(a.affine, b.affine) and a.shape == b.shape

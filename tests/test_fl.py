@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import SMALL_ARCH
 
 from bundle.fl.exchange import (
     FROZEN_VARS,
@@ -18,7 +19,6 @@ from bundle.fl.exchange import (
     wire_bytes,
 )
 from bundle.fl.filters import ExcludeFrozenWeights
-from train_helpers import SMALL_ARCH
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = SMALL_ARCH
@@ -50,12 +50,16 @@ def test_exclude_frozen_filter(small_net):
     from monai.fl.utils.exchange_object import ExchangeObject
 
     state = small_net.state_dict()
-    data = ExchangeObject(weights=dict(state), weight_type=WeightType.WEIGHT_DIFF, statistics={"num_executed_iterations": 3})
+    data = ExchangeObject(
+        weights=dict(state), weight_type=WeightType.WEIGHT_DIFF, statistics={"num_executed_iterations": 3}
+    )
     out = ExcludeFrozenWeights()(data)
     assert set(out.weights) == set(trainable_state_keys(small_net))
     assert out.statistics == {"num_executed_iterations": 3}
     with pytest.raises(ValueError, match="excludes every weight"):
-        ExcludeFrozenWeights(exclude_vars=".")(ExchangeObject(weights={"a": torch.zeros(1)}, weight_type=WeightType.WEIGHTS))
+        ExcludeFrozenWeights(exclude_vars=".")(
+            ExchangeObject(weights={"a": torch.zeros(1)}, weight_type=WeightType.WEIGHTS)
+        )
     with pytest.raises(ValueError, match="ExchangeObject"):
         ExcludeFrozenWeights()({"a": 1})
 
@@ -145,7 +149,9 @@ def test_missing_datalist_names_site_and_file(tmp_path):
 
     missing = tmp_path / "site7" / "image2label_train.json"
     runner = SiteRunner(_site_args(dataset_dir=tmp_path, train_json=missing, workdir=tmp_path / "w"), "site-7")
-    with pytest.raises(SiteError, match=r"site site-7: datalist .*site7/image2label_train\.json \(train_json\) not found"):
+    with pytest.raises(
+        SiteError, match=r"site site-7: datalist .*site7/image2label_train\.json \(train_json\) not found"
+    ):
         runner.check_data(runner.overrides())
     # the default datalist id follows dataset_dir when only the folder is given
     runner = SiteRunner(_site_args(dataset_dir=tmp_path / "nowhere", workdir=tmp_path / "w"), "site-8")
@@ -158,8 +164,16 @@ def test_overrides_parsing(tmp_path):
 
     f = tmp_path / "o.json"
     f.write_text(json.dumps({"batch_size": 2, "network_def#backbone": "vit_b"}))
-    out = parse_overrides(["network_def#backbone=vit_tiny", "amp=false", "weights=/a/b.pt", "lr_milestones=[1,2]"], [str(f)])
-    assert out == {"batch_size": 2, "network_def#backbone": "vit_tiny", "amp": False, "weights": "/a/b.pt", "lr_milestones": [1, 2]}
+    out = parse_overrides(
+        ["network_def#backbone=vit_tiny", "amp=false", "weights=/a/b.pt", "lr_milestones=[1,2]"], [str(f)]
+    )
+    assert out == {
+        "batch_size": 2,
+        "network_def#backbone": "vit_tiny",
+        "amp": False,
+        "weights": "/a/b.pt",
+        "lr_milestones": [1, 2],
+    }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["batch_size"])
     with pytest.raises(ValueError, match="JSON object"):
@@ -181,9 +195,16 @@ def test_recipe_per_site_datalists_and_error_policy(tmp_path, on_site_error):
 
     sites = [
         Site("hospital-a", dataset_dir=str(tmp_path / "a"), train_json=str(tmp_path / "a" / "train.json")),
-        Site("hospital-b", dataset_dir=str(tmp_path / "b"), train_json=str(tmp_path / "b" / "train.json"), overrides={"batch_size": 3}),
+        Site(
+            "hospital-b",
+            dataset_dir=str(tmp_path / "b"),
+            train_json=str(tmp_path / "b" / "train.json"),
+            overrides={"batch_size": 3},
+        ),
     ]
-    recipe = make_recipe(sites, str(tmp_path / "work"), num_rounds=3, shared_overrides=SMALL, on_site_error=on_site_error)
+    recipe = make_recipe(
+        sites, str(tmp_path / "work"), num_rounds=3, shared_overrides=SMALL, on_site_error=on_site_error
+    )
     configs = _exported(recipe, tmp_path / "job")
     text = json.dumps(configs)
     server = next(c["config_fed_server.json"] for c in configs.values() if "config_fed_server.json" in c)
@@ -194,7 +215,9 @@ def test_recipe_per_site_datalists_and_error_policy(tmp_path, on_site_error):
     for site in sites:
         args = next(t for name, t in clients.items() if site.name in name)
         assert site.train_json in args and f"--workdir {tmp_path / 'work' / site.name}" in args
-        assert "--override network_def#backbone=vit_tiny" in args and "--override network_def#conv_branch=resnet18" in args
+        assert (
+            "--override network_def#backbone=vit_tiny" in args and "--override network_def#conv_branch=resnet18" in args
+        )
         assert ("--override batch_size=3" in args) is (site.name == "hospital-b")
         assert f"--on_site_error {on_site_error}" in args
         assert "--bundle_root" not in args  # each site uses the bundle installed there
@@ -206,7 +229,13 @@ def test_override_arguments_survive_flare_splitting():
     from bundle.fl.client import parse_overrides
     from bundle.fl.job import Site, site_train_args
 
-    overrides = {"network_def#backbone": "vit_tiny", "amp": False, "lr_milestones": [1, 2], "weights": None, "lr": 0.001}
+    overrides = {
+        "network_def#backbone": "vit_tiny",
+        "amp": False,
+        "lr_milestones": [1, 2],
+        "weights": None,
+        "lr": 0.001,
+    }
     args = site_train_args(Site("a", train_json="/d/t.json"), "/w/a", overrides)
     argv = split_command_preserving_secret_refs(args, posix=False, group_secret_ref_quotes=False)
     pairs = [argv[i + 1] for i, token in enumerate(argv) if token == "--override"]
@@ -241,7 +270,10 @@ def test_simulate_cli_input_errors(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert main(["--data", str(tmp_path), "--workspace", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert main(["--data", str(tmp_path), "--data", str(tmp_path), "--sites", "3", "--workspace", str(tmp_path / "ws")]) == 2
+    assert (
+        main(["--data", str(tmp_path), "--data", str(tmp_path), "--sites", "3", "--workspace", str(tmp_path / "ws")])
+        == 2
+    )
     assert "--sites 3 but 2 site(s)" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "--sites", "2", "--workspace", str(tmp_path / "ws")]) == 2
     assert "no image2label_train.json to split between 2 sites" in capsys.readouterr().err
@@ -266,7 +298,9 @@ def test_one_folder_split_between_sites(tmp_path):
     data = tmp_path / "sa_med2d"
     data.mkdir()
     names = [f"images/mr_00--DS--{case}--z_{i:04d}.png" for case, i in (("caseA", 1), ("caseA", 2), ("caseB", 1))]
-    (data / "image2label_train.json").write_text(json.dumps({n: [n.replace("images/", "masks/")[:-4] + "--0001_000.png"] for n in names}))
+    (data / "image2label_train.json").write_text(
+        json.dumps({n: [n.replace("images/", "masks/")[:-4] + "--0001_000.png"] for n in names})
+    )
     sites = split_sites(str(data), 2, str(tmp_path / "lists"))
     assert [s.name for s in sites] == ["site-1", "site-2"]
     lists = [json.loads(Path(s.train_json).read_text()) for s in sites]
@@ -276,7 +310,9 @@ def test_one_folder_split_between_sites(tmp_path):
     ]
     assert all(os.path.isabs(k) and all(os.path.isabs(m) for m in v) for lst in lists for k, v in lst.items())
     assert sites[0].val_json == str(data / "label2image_validation.json")
-    assert [len(json.loads(Path(s.train_json).read_text())) for s in split_sites(str(data), 3, str(tmp_path / "l3"))] == [1, 1, 1]
+    assert [
+        len(json.loads(Path(s.train_json).read_text())) for s in split_sites(str(data), 3, str(tmp_path / "l3"))
+    ] == [1, 1, 1]
     with pytest.raises(ValueError, match="cannot be split between 4 sites"):
         split_sites(str(data), 4, str(tmp_path / "l4"))
     with pytest.raises(ValueError, match="no image2label_train.json"):

@@ -38,8 +38,13 @@ def fl_data(shared_data_dir, tmp_path_factory):
     from bundle.networks import SAMUNet
 
     root = tmp_path_factory.mktemp("fl_data")
-    cases = [Case(str(shared_data_dir / f"{scan}_image.nrrd"), str(shared_data_dir / f"{scan}_label.nrrd"), scan) for scan, _ in SITES.values()]
-    convert_to_sa_med2d(cases, root / "sa_med2d", "Pyradiomics", fractions=(1.0, 0.0, 0.0), modality="mr", progress=False)
+    cases = [
+        Case(str(shared_data_dir / f"{scan}_image.nrrd"), str(shared_data_dir / f"{scan}_label.nrrd"), scan)
+        for scan, _ in SITES.values()
+    ]
+    convert_to_sa_med2d(
+        cases, root / "sa_med2d", "Pyradiomics", fractions=(1.0, 0.0, 0.0), modality="mr", progress=False
+    )
     all_images = json.loads((root / "sa_med2d" / "image2label_train.json").read_text())
     sites = []
     for site, (scan, n) in SITES.items():
@@ -47,7 +52,14 @@ def fl_data(shared_data_dir, tmp_path_factory):
         assert len(own) == n, f"{scan}: expected {n} labelled slices, got {own}"
         (root / "sa_med2d" / f"{site}_train.json").write_text(json.dumps({k: all_images[k][:1] for k in own}))
         (root / "sa_med2d" / f"{site}_val.json").write_text(json.dumps({all_images[k][0]: k for k in own}))
-        sites.append({"name": site, "dataset_dir": "sa_med2d", "train_json": f"sa_med2d/{site}_train.json", "val_json": f"sa_med2d/{site}_val.json"})
+        sites.append(
+            {
+                "name": site,
+                "dataset_dir": "sa_med2d",
+                "train_json": f"sa_med2d/{site}_train.json",
+                "val_json": f"sa_med2d/{site}_val.json",
+            }
+        )
     (root / "sites.json").write_text(json.dumps(sites))
     # every site starts from the same checkpoint (the frozen encoder must be identical everywhere)
     torch.manual_seed(0)
@@ -59,7 +71,16 @@ def run_simulator(fl_data, workspace, *extra):
     overrides = dict(SMALL, weights=str(fl_data / "start.pt"))
     (workspace.parent / "small.json").write_text(json.dumps(overrides))
     cmd = [sys.executable, str(SCRIPT), "--sites-file", str(fl_data / "sites.json"), "--workspace", str(workspace)]
-    cmd += ["--rounds", "2", "--record", "--site-threads", "1", "--overrides-file", str(workspace.parent / "small.json"), *extra]
+    cmd += [
+        "--rounds",
+        "2",
+        "--record",
+        "--site-threads",
+        "1",
+        "--overrides-file",
+        str(workspace.parent / "small.json"),
+        *extra,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=workspace.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     summary_path = workspace / "summary.json"
@@ -68,7 +89,10 @@ def run_simulator(fl_data, workspace, *extra):
 
 
 def load_records(workspace):
-    return {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in sorted((workspace / "record").glob("*.pt"))}
+    return {
+        p.stem: torch.load(p, map_location="cpu", weights_only=True)
+        for p in sorted((workspace / "record").glob("*.pt"))
+    }
 
 
 def expected_global(start, records, rounds, sites):
@@ -131,7 +155,9 @@ def test_two_sites_two_rounds_fedavg(fl_data, tmp_path):
     # FLARE's own transfer log: per round the global model to each site and each site's update back
     moved = summary["server_transfers"]
     assert len(moved["sent"]) == len(moved["received"]) == 4
-    assert all(abs(b - wire_bytes({k: start[k] for k in trainable})) < 0.01 * b for b in moved["sent"] + moved["received"])
+    assert all(
+        abs(b - wire_bytes({k: start[k] for k in trainable})) < 0.01 * b for b in moved["sent"] + moved["received"]
+    )
 
 
 def _site_log(workspace, site):
@@ -166,7 +192,9 @@ def test_missing_datalist_aborts_the_run(fl_data, tmp_path, missing_site):
 def test_missing_datalist_continues_with_the_other_site(fl_data, tmp_path, missing_site):
     sites_file, missing = missing_site
     workspace = tmp_path / "ws"
-    proc, summary = run_simulator(fl_data, workspace, "--sites-file", str(sites_file), "--on-site-error", "continue", "--validate")
+    proc, summary = run_simulator(
+        fl_data, workspace, "--sites-file", str(sites_file), "--on-site-error", "continue", "--validate"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # --validate: the site evaluates each received global model on its own slices and sends the Dice with its update
     for r in summary["sites"]["site-1"]["rounds"]:

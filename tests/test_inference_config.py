@@ -49,7 +49,17 @@ def test_required_infer_properties():
     workflow = ConfigWorkflow(config_file=str(CONFIG), workflow_type="infer")
     workflow.initialize()
     assert workflow.check_properties() == []
-    for key in ("input_image", "box", "slice_box", "slice_index", "points", "point_labels", "output_dir", "axis", "modality"):
+    for key in (
+        "input_image",
+        "box",
+        "slice_box",
+        "slice_index",
+        "points",
+        "point_labels",
+        "output_dir",
+        "axis",
+        "modality",
+    ):
         assert key in workflow.parser.config, key
 
 
@@ -82,7 +92,9 @@ def test_run_in_process_writes_mask_with_input_geometry(tmp_path, tiny_checkpoin
     assert tuple(itk.size(written)) == tuple(itk.size(source))
     np.testing.assert_allclose(np.array(itk.spacing(written)), np.array(itk.spacing(source)), atol=1e-6)
     np.testing.assert_allclose(np.array(itk.origin(written)), np.array(itk.origin(source)), atol=1e-5)
-    np.testing.assert_allclose(itk.array_from_matrix(written.GetDirection()), itk.array_from_matrix(source.GetDirection()), atol=1e-6)
+    np.testing.assert_allclose(
+        itk.array_from_matrix(written.GetDirection()), itk.array_from_matrix(source.GetDirection()), atol=1e-6
+    )
     mask = itk.array_from_image(written).transpose(2, 1, 0)
     assert mask.dtype == np.uint8
     assert not mask[..., :2].any() and not mask[..., 5:].any()  # slices outside the box range stay empty
@@ -125,12 +137,24 @@ def test_cli_run_and_cli_bad_input(tmp_path, tiny_checkpoint):
     for key, value in tiny_overrides(tiny_checkpoint).items():
         common += [f"--{key}", str(value)]
     out = tmp_path / "out"
-    done = _cli(*common, "--input_image", str(SAMPLE), "--box", str(TUMOUR_BOX), "--modality", "ct", "--output_dir", str(out))
+    done = _cli(
+        *common, "--input_image", str(SAMPLE), "--box", str(TUMOUR_BOX), "--modality", "ct", "--output_dir", str(out)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "lung1_crop_image_seg.nii.gz").is_file()
     assert f"mask written to {out / 'lung1_crop_image_seg.nii.gz'}" in done.stdout
     bad = tmp_path / "bad"
-    failed = _cli(*common, "--input_image", str(SAMPLE), "--box", "[61,33,2,34,62,4]", "--modality", "ct", "--output_dir", str(bad))
+    failed = _cli(
+        *common,
+        "--input_image",
+        str(SAMPLE),
+        "--box",
+        "[61,33,2,34,62,4]",
+        "--modality",
+        "ct",
+        "--output_dir",
+        str(bad),
+    )
     assert failed.returncode != 0
     assert "inverted along i" in failed.stderr and "lung1_crop_image.nrrd" in failed.stderr
     assert not bad.exists()

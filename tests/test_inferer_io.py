@@ -135,7 +135,11 @@ def test_nrrd_mask_keeps_geometry(tmp_path, output_format, name):
     data, truth = sphere_hu()
     src = write_nrrd(tmp_path / "case.nrrd", data)
     before = digest(src)
-    runner([{"image": str(src), "slice_box": [9, 21, 27, 39], "slice_index": 6}], tmp_path / "out", output_format=output_format).run()
+    runner(
+        [{"image": str(src), "slice_box": [9, 21, 27, 39], "slice_index": 6}],
+        tmp_path / "out",
+        output_format=output_format,
+    ).run()
     out = tmp_path / "out" / name
     assert_same_itk_geometry(out, src)
     mask = itk.array_from_image(itk.imread(str(out))).transpose(2, 1, 0)
@@ -150,14 +154,18 @@ def test_dicom_series_mask_keeps_geometry(tmp_path):
     before = digest(series)
     runner([{"image": str(series), "box": BOX}], tmp_path / "out", modality=None).run()  # modality from the tag
     out = tmp_path / "out" / "series_seg.nii.gz"
-    reader = itk.ImageSeriesReader[itk.Image[itk.SS, 3]].New(FileNames=[str(p) for p in sorted(series.iterdir())], ImageIO=itk.GDCMImageIO.New())
+    reader = itk.ImageSeriesReader[itk.Image[itk.SS, 3]].New(
+        FileNames=[str(p) for p in sorted(series.iterdir())], ImageIO=itk.GDCMImageIO.New()
+    )
     reader.Update()
     dicom = reader.GetOutput()
     written = itk.imread(str(out))
     assert tuple(itk.size(written)) == tuple(itk.size(dicom)) == SHAPE
     np.testing.assert_allclose(np.array(itk.spacing(written)), np.array(itk.spacing(dicom)), atol=1e-5)
     np.testing.assert_allclose(np.array(itk.origin(written)), np.array(itk.origin(dicom)), atol=1e-5)
-    np.testing.assert_allclose(itk.array_from_matrix(written.GetDirection()), itk.array_from_matrix(dicom.GetDirection()), atol=1e-6)
+    np.testing.assert_allclose(
+        itk.array_from_matrix(written.GetDirection()), itk.array_from_matrix(dicom.GetDirection()), atol=1e-6
+    )
     np.testing.assert_array_equal(itk.array_from_image(written).transpose(2, 1, 0) > 0, expected_mask(truth))
     assert digest(series) == before
 
@@ -175,7 +183,9 @@ def test_png_image_with_2d_box_and_clicks(tmp_path):
     yy, xx = np.mgrid[:60, :90]
     disc = (yy - 25) ** 2 + (xx - 50) ** 2 < 12**2  # array [row i, column j]
     Image.fromarray(np.where(disc, 220, 30).astype(np.uint8)).save(tmp_path / "photo.png")
-    run = runner([{"image": str(tmp_path / "photo.png"), "box": [10, 35, 40, 65]}], tmp_path / "out", output_format="input")
+    run = runner(
+        [{"image": str(tmp_path / "photo.png"), "box": [10, 35, 40, 65]}], tmp_path / "out", output_format="input"
+    )
     run.run()
     written = np.asarray(Image.open(tmp_path / "out" / "photo_seg.png"))
     assert written.shape == (60, 90) and set(np.unique(written)) == {0, 255}
@@ -242,7 +252,10 @@ def test_bad_item_later_in_datalist_stops_everything_before_output(tmp_path):
     data = sphere_hu()[0]
     write_nifti(tmp_path / "a.nii.gz", data)
     write_nifti(tmp_path / "b.nii.gz", data)
-    items = [{"image": str(tmp_path / "a.nii.gz"), "box": BOX}, {"image": str(tmp_path / "b.nii.gz"), "box": [0, 0, 0, 99, 1, 1]}]
+    items = [
+        {"image": str(tmp_path / "a.nii.gz"), "box": BOX},
+        {"image": str(tmp_path / "b.nii.gz"), "box": [0, 0, 0, 99, 1, 1]},
+    ]
     with pytest.raises(ValueError, match="b.nii.gz.*outside"):
         runner(items, tmp_path / "out").run()
     assert not (tmp_path / "out").exists()

@@ -79,7 +79,14 @@ def mask_xyz(path):
 
 def in_roi(mask):
     x, y, z = np.nonzero(mask)
-    return (x.min() >= ROI[0] and x.max() <= ROI[1] and y.min() >= ROI[2] and y.max() <= ROI[3] and z.min() >= ROI[4] and z.max() <= ROI[5])
+    return (
+        x.min() >= ROI[0]
+        and x.max() <= ROI[1]
+        and y.min() >= ROI[2]
+        and y.max() <= ROI[3]
+        and z.min() >= ROI[4]
+        and z.max() <= ROI[5]
+    )
 
 
 def raw_infer(server, image, params, data=None):
@@ -107,7 +114,9 @@ def test_box_then_click_returns_masks_with_the_image_geometry_inside_the_box(ser
     assert dice > 0.5, dice
     assert box["slices"] == [SLICE] and box["encoded_slices"] == 1 and box["cache"]["misses"] == 1
 
-    click_file, click = client.infer("sam_unet", image_id, {"roi": ROI, "foreground": [CLICK], "background": [[ROI[0], ROI[2], SLICE]]})
+    click_file, click = client.infer(
+        "sam_unet", image_id, {"roi": ROI, "foreground": [CLICK], "background": [[ROI[0], ROI[2], SLICE]]}
+    )
     assert geometry(click_file) == reference
     mask = mask_xyz(click_file)
     assert mask.any() and in_roi(mask)
@@ -192,7 +201,11 @@ def test_eight_concurrent_requests_all_succeed(server, image_id, tmp_path):
 def test_inference_never_modifies_the_datastore(server, client, image_id):
     before = datastore_digest(server.studies)
     assert any(name.endswith("lung1_crop.nrrd") for name in before)
-    for params in ({"roi": ROI, "slice": SLICE}, {"roi": ROI, "foreground": [CLICK], "save_label": True}, {"roi": ROI, "mode": "3d"}):
+    for params in (
+        {"roi": ROI, "slice": SLICE},
+        {"roi": ROI, "foreground": [CLICK], "save_label": True},
+        {"roi": ROI, "mode": "3d"},
+    ):
         client.infer("sam_unet", image_id, params)
     time.sleep(1.0)
     assert datastore_digest(server.studies) == before
@@ -203,7 +216,9 @@ def test_training_from_saved_labels_publishes_weights_the_next_inference_uses(se
     _, before = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
     saved = client.save_label(image_id, str(test_data_dir / "lung1_crop_label.nrrd"), tag="final")
     assert saved["label"] == image_id
-    client.train_start("sam_unet", {"max_epochs": 1, "batch_size": 4, "interactive_iterations": 1, "learning_rate": 1e-4})
+    client.train_start(
+        "sam_unet", {"max_epochs": 1, "batch_size": 4, "interactive_iterations": 1, "learning_rate": 1e-4}
+    )
     deadline = time.monotonic() + 1500
     while time.monotonic() < deadline:
         status = client.train_status()

@@ -16,7 +16,9 @@ def test_slicer_roi_in_2d_mode_segments_one_slice_with_its_box():
 
 def test_roi_without_slice_uses_its_middle_and_clicks_choose_the_slice():
     assert parse_request({"roi": [10, 20, 10, 20, 2, 6]}, SHAPE).slice_index == 4
-    parsed = parse_request({"roi": [10, 20, 10, 20, 2, 6], "foreground": [[15, 15, 5]], "background": [[11, 11, 5], [12, 12, 2]]}, SHAPE)
+    parsed = parse_request(
+        {"roi": [10, 20, 10, 20, 2, 6], "foreground": [[15, 15, 5]], "background": [[11, 11, 5], [12, 12, 2]]}, SHAPE
+    )
     seed = parsed.plans[0].seeds[5]
     assert parsed.slice_index == 5 and seed.points == [(15, 15), (11, 11)] and seed.labels == [1, 0]
 

@@ -54,7 +54,11 @@ def real_slices(shared_data_dir):
         images.append(LiteMedSAMScale()(frame, original_hw).as_tensor())
         ys, xs = np.nonzero(np.asarray(mask2d))
         boxes.append(scale_box_to_frame(np.array([xs.min(), ys.min(), xs.max(), ys.max()]), original_hw))
-        masks.append(F.interpolate(torch.as_tensor(np.asarray(mask2d), dtype=torch.float32)[None, None], size=frame.shape[-2:])[0])
+        masks.append(
+            F.interpolate(torch.as_tensor(np.asarray(mask2d), dtype=torch.float32)[None, None], size=frame.shape[-2:])[
+                0
+            ]
+        )
     return torch.stack(images).float(), torch.as_tensor(np.stack(boxes), dtype=torch.float32), masks
 
 
@@ -119,7 +123,7 @@ def test_backbone_interface_and_keys():
     assert backbone.bridge_shapes == [(128, 128), (160, 64), (320, 64)]
     assert sum(p.numel() for p in backbone.parameters()) == 5_726_740  # LiteMedSAM's 5.7M
     state = torch.load(litemedsam_checkpoint_path(), map_location="cpu", weights_only=True)
-    expected = {k[len("image_encoder."):] for k in state if k.startswith("image_encoder.")}
+    expected = {k[len("image_encoder.") :] for k in state if k.startswith("image_encoder.")}
     assert set(backbone.state_dict()) == expected
     injections = [torch.zeros(1, c, g, g) for c, g in backbone.injection_shapes]
     with torch.no_grad():
@@ -139,7 +143,13 @@ def test_litemedsam_load_report_names_keys():
     assert "mask_decoder.output_hypernetworks_mlps.1.layers.0.weight" in report.dropped
     assert "mask_decoder.iou_prediction_head.layers.2.bias" in report.dropped
     assert not any(k.startswith("mask_decoder.output_hypernetworks_mlps.0.") for k in report.dropped)
-    prefixes = ("conv_branch.", "adapters_in.", "adapters_bridge.", "embedding_encoder.", "mask_decoder.embedding_maskfeature.")
+    prefixes = (
+        "conv_branch.",
+        "adapters_in.",
+        "adapters_bridge.",
+        "embedding_encoder.",
+        "mask_decoder.embedding_maskfeature.",
+    )
     assert report.missing and all(k.startswith(prefixes) for k in report.missing)
     assert load_weights(lite_medsam(), "litemedsam").missing == []
 
@@ -170,8 +180,12 @@ def test_official_sam_decoder_with_sam_tokens(tmp_path):
     from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
     torch.manual_seed(0)
-    sam_decoder = MaskDecoder(transformer_dim=256, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
-    sam_prompt = PromptEncoder(embed_dim=256, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16)
+    sam_decoder = MaskDecoder(
+        transformer_dim=256, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)
+    ).eval()
+    sam_prompt = PromptEncoder(
+        embed_dim=256, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16
+    )
     state = {f"mask_decoder.{k}": v for k, v in sam_decoder.state_dict().items()}
     state.update({f"prompt_encoder.{k}": v for k, v in sam_prompt.state_dict().items()})
     path = tmp_path / "sam_decoder_only.pth"
@@ -189,7 +203,13 @@ def test_official_sam_decoder_with_sam_tokens(tmp_path):
         sparse, dense = sam_prompt(points=None, boxes=boxes, masks=None)
         theirs = torch.cat(
             [
-                sam_decoder(features["embedding"][i : i + 1], sam_prompt.get_dense_pe(), sparse[i : i + 1], dense[i : i + 1], multimask_output=False)[0]
+                sam_decoder(
+                    features["embedding"][i : i + 1],
+                    sam_prompt.get_dense_pe(),
+                    sparse[i : i + 1],
+                    dense[i : i + 1],
+                    multimask_output=False,
+                )[0]
                 for i in range(2)
             ]
         )
@@ -212,7 +232,9 @@ def test_one_step_moves_away_and_only_trainable_parts_learn(real_slices, fresh_l
     assert all(p.grad is None for p in net.image_encoder.parameters())
     zero_init_layers = [net.mask_decoder.embedding_maskfeature[-1], net.embedding_encoder[-1]]
     zero_init_layers += [adapter.reshaper[-1] for adapter in net.adapters_in]
-    zero_init_layers += [adapter.reshaper[-1] if hasattr(adapter, "reshaper") else adapter[-1] for adapter in net.adapters_bridge]
+    zero_init_layers += [
+        adapter.reshaper[-1] if hasattr(adapter, "reshaper") else adapter[-1] for adapter in net.adapters_bridge
+    ]
     for layer in zero_init_layers:
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     assert net.mask_decoder.hf_mlp.layers[0].weight.grad.abs().sum() > 0
@@ -257,5 +279,11 @@ def test_tune_malloc_keeps_the_output_bit_for_bit():
         "assert all(torch.equal(before, a) for a in after)\n"
         "print('same')\n"
     )  # a subprocess, because the setting is process-wide
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-2000:]

@@ -41,7 +41,7 @@ def test_vit_b_resnet34_parameter_counts():
 
 
 def test_vit_b_resnet50_parameter_count():
-    # REFERENCE.md quotes 51.76M trainable for the ResNet50 model; we count 51,755,564.
+    # the paper's reference code counts 51.76M trainable for the ResNet50 model; we count 51,755,564.
     net = SAMUNet("vit_b", conv_branch="resnet50")
     assert count(net, trainable=True) == 51_755_564
     assert round(count(net, trainable=True) / 1e6, 2) == 51.76
@@ -53,11 +53,15 @@ def _expected_vit_256_state(sam_state):
     for key, value in sam_state.items():
         if not key.startswith("image_encoder."):
             continue
-        key = key[len("image_encoder."):]
+        key = key[len("image_encoder.") :]
         if key == "pos_embed":
-            value = F.interpolate(value.permute(0, 3, 1, 2), size=(16, 16), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+            value = F.interpolate(
+                value.permute(0, 3, 1, 2), size=(16, 16), mode="bilinear", align_corners=False
+            ).permute(0, 2, 3, 1)
         elif "rel_pos" in key and value.shape[0] == 127:
-            value = F.interpolate(value[None, None], size=(31, value.shape[1]), mode="bilinear", align_corners=False)[0, 0]
+            value = F.interpolate(value[None, None], size=(31, value.shape[1]), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
         out[key] = value
     return out
 
@@ -76,8 +80,17 @@ def test_official_sam_vit_b_fidelity(tmp_path):
 
     net = SAMUNet("vit_b", conv_branch="none", fusion=False, weights=str(path)).eval()
     reference = ImageEncoderViT(
-        img_size=256, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, out_chans=256, qkv_bias=True,
-        norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6), use_rel_pos=True, window_size=14, global_attn_indexes=(2, 5, 8, 11),
+        img_size=256,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4,
+        out_chans=256,
+        qkv_bias=True,
+        norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
+        use_rel_pos=True,
+        window_size=14,
+        global_attn_indexes=(2, 5, 8, 11),
     ).eval()
     reference.load_state_dict(_expected_vit_256_state(sam_state))
 
@@ -89,7 +102,10 @@ def test_official_sam_vit_b_fidelity(tmp_path):
     assert (ours - theirs).abs().max().item() <= 1e-5
     # the prompt encoder and the decoder's transformer came from the same file
     assert torch.equal(net.prompt_encoder.point_embeddings[2].weight, sam.prompt_encoder.point_embeddings[2].weight)
-    assert torch.equal(net.mask_decoder.transformer.final_attn_token_to_image.q_proj.weight, sam.mask_decoder.transformer.final_attn_token_to_image.q_proj.weight)
+    assert torch.equal(
+        net.mask_decoder.transformer.final_attn_token_to_image.q_proj.weight,
+        sam.mask_decoder.transformer.final_attn_token_to_image.q_proj.weight,
+    )
 
 
 def test_official_sam_load_report_names_keys(tmp_path):
@@ -117,11 +133,20 @@ def test_gradients_reach_trainable_parts_only():
     boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [50.0, 50.0, 200.0, 180.0]])
     points = torch.tensor([[[30.0, 40.0], [90.0, 100.0], [0.0, 0.0]], [[60.0, 60.0], [150.0, 150.0], [0.0, 0.0]]])
     labels = torch.tensor([[1, 0, -1], [1, 0, -1]])
-    with_mask = net.decode(features, boxes=boxes, points=points, point_labels=labels, mask_inputs=torch.randn(2, 1, 64, 64))
+    with_mask = net.decode(
+        features, boxes=boxes, points=points, point_labels=labels, mask_inputs=torch.randn(2, 1, 64, 64)
+    )
     without_mask = net.decode(features, boxes=boxes)
     (with_mask.mean() + without_mask.mean()).backward()
     assert all(p.grad is None for p in net.image_encoder.parameters())
-    for part in ("conv_branch", "adapters_in", "adapters_bridge", "embedding_encoder", "prompt_encoder", "mask_decoder"):
+    for part in (
+        "conv_branch",
+        "adapters_in",
+        "adapters_bridge",
+        "embedding_encoder",
+        "prompt_encoder",
+        "mask_decoder",
+    ):
         for name, param in getattr(net, part).named_parameters():
             assert param.grad is not None and param.grad.abs().sum() > 0, f"{part}.{name} has no gradient"
 
@@ -178,7 +203,14 @@ def test_points_only_and_mask_feedback(small_net, image):
         ({"points": torch.tensor([[[10.0, 10.0]]]), "point_labels": torch.tensor([[2]])}, "1 (foreground)"),
         ({"points": torch.tensor([[[10.0, 900.0]]]), "point_labels": torch.tensor([[1]])}, "inside the 256x256"),
         ({"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]] * 2)}, "2 prompts for 1 images"),
-        ({"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "points": torch.zeros(2, 1, 2), "point_labels": torch.ones(2, 1)}, "prompt batch sizes differ"),
+        (
+            {
+                "boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]),
+                "points": torch.zeros(2, 1, 2),
+                "point_labels": torch.ones(2, 1),
+            },
+            "prompt batch sizes differ",
+        ),
         ({"mask_inputs": torch.zeros(1, 1, 32, 32)}, "mask_inputs must be"),
     ],
 )

@@ -8,7 +8,6 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-
 from train_helpers import REPO_ROOT, SMALL_NET, convert_brain, write_split
 
 CONFIGS = REPO_ROOT / "configs"
@@ -44,17 +43,28 @@ def test_train_config_properties_and_fl_contract(split, tmp_path):
     assert isinstance(wf.parser.get_parsed_content("validate#evaluator"), SupervisedEvaluator)
     for key in ("train#trainer#max_epochs", "train#dataset#data", "train#inferer", "train#handlers", "val_interval"):
         assert key in wf.parser, key
-    trainable = sum(p.numel() for group in wf.parser.get_parsed_content("optimizer").param_groups for p in group["params"])
+    trainable = sum(
+        p.numel() for group in wf.parser.get_parsed_content("optimizer").param_groups for p in group["params"]
+    )
     net = wf.parser.get_parsed_content("network")
-    assert trainable == sum(p.numel() for p in net.parameters() if p.requires_grad) < sum(p.numel() for p in net.parameters())
+    assert (
+        trainable
+        == sum(p.numel() for p in net.parameters() if p.requires_grad)
+        < sum(p.numel() for p in net.parameters())
+    )
 
 
 @pytest.mark.parametrize("workflow_type", ["train", "infer"])
 def test_evaluate_config_properties(split, tmp_path, workflow_type):
     train_json, val_json = split
     wf = workflow(
-        ["train.json", "evaluate.json"], workflow_type, tmp_path,
-        train_json=str(train_json), val_json=str(val_json), test_json=str(val_json), ckpt_path=None,
+        ["train.json", "evaluate.json"],
+        workflow_type,
+        tmp_path,
+        train_json=str(train_json),
+        val_json=str(val_json),
+        test_json=str(val_json),
+        ckpt_path=None,
     )
     wf.initialize()
     assert wf.check_properties() == []
@@ -68,9 +78,15 @@ def test_evaluate_writes_reports(split, tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"model": SAMUNet("vit_tiny", conv_branch="resnet18", image_size=128).state_dict()}, ckpt)
     wf = workflow(
-        ["train.json", "evaluate.json"], "infer", tmp_path, train_json=str(val_json).replace("_val", "_train"),
-        val_json=str(val_json), test_json=str(val_json), ckpt_path=str(ckpt),
-        eval_prompt_modes=["box", "points:1", "points:3", "interactive:2"], worst_k=1,
+        ["train.json", "evaluate.json"],
+        "infer",
+        tmp_path,
+        train_json=str(val_json).replace("_val", "_train"),
+        val_json=str(val_json),
+        test_json=str(val_json),
+        ckpt_path=str(ckpt),
+        eval_prompt_modes=["box", "points:1", "points:3", "interactive:2"],
+        worst_k=1,
     )
     wf.initialize()
     wf.run()
@@ -94,7 +110,9 @@ def test_missing_datalist_file_fails_before_training(split, tmp_path):
     first = next(iter(items))
     items[first] = items[first] + ["masks/no_such_mask--0001_000.png"]
     bad = tmp_path / "bad_train.json"
-    bad.write_text(json.dumps({str(train_json.parent / k): [str(train_json.parent / m) for m in v] for k, v in items.items()}))
+    bad.write_text(
+        json.dumps({str(train_json.parent / k): [str(train_json.parent / m) for m in v] for k, v in items.items()})
+    )
     wf = workflow(["train.json"], "train", tmp_path, train_json=str(bad), val_json=str(val_json))
     wf.initialize()
     with pytest.raises(Exception) as err:
@@ -114,10 +132,23 @@ def test_volume_datalist_trains_on_slices_cut_in_memory(tmp_path):
     if not (data / "breast1_image.nrrd").is_file():
         pytest.skip("real scans not found")
     volumes = tmp_path / "volumes.json"
-    volumes.write_text(json.dumps([{"image": str(data / "breast1_image.nrrd"), "label": str(data / "breast1_label.nrrd"), "modality": "mr"}]))
+    volumes.write_text(
+        json.dumps(
+            [{"image": str(data / "breast1_image.nrrd"), "label": str(data / "breast1_label.nrrd"), "modality": "mr"}]
+        )
+    )
     wf = workflow(
-        ["train.json", "train_volumes.json"], "train", tmp_path, train_volumes=str(volumes), val_volumes=str(volumes),
-        slice_axes=["z", "x"], max_epochs=1, epoch_length=2, batch_size=2, masks_per_image=1, interactive_iterations=1,
+        ["train.json", "train_volumes.json"],
+        "train",
+        tmp_path,
+        train_volumes=str(volumes),
+        val_volumes=str(volumes),
+        slice_axes=["z", "x"],
+        max_epochs=1,
+        epoch_length=2,
+        batch_size=2,
+        masks_per_image=1,
+        interactive_iterations=1,
         cache="none",
     )
     wf.initialize()
@@ -127,11 +158,19 @@ def test_volume_datalist_trains_on_slices_cut_in_memory(tmp_path):
     torch.set_num_threads(1)
     wf.run()
     assert wf.trainer.state.iteration == 2
-    assert (tmp_path / "models" / "model.pt").is_file()  # validation ran on the in-memory slices and kept the best model
+    assert (
+        tmp_path / "models" / "model.pt"
+    ).is_file()  # validation ran on the in-memory slices and kept the best model
 
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps([{"image": str(data / "breast1_image.nrrd"), "label": "no_such_label.nrrd"}]))
-    wf = workflow(["train.json", "train_volumes.json"], "train", tmp_path / "m", train_volumes=str(missing), val_volumes=str(volumes))
+    wf = workflow(
+        ["train.json", "train_volumes.json"],
+        "train",
+        tmp_path / "m",
+        train_volumes=str(missing),
+        val_volumes=str(volumes),
+    )
     wf.initialize()
     with pytest.raises(Exception) as err:
         wf.run()

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from train_helpers import SMALL_NET, convert_brain, run_bundle, write_split
 
 
@@ -15,11 +14,17 @@ def test_torchrun_two_ranks_end_identical(tmp_path_factory, tmp_path):
     root = convert_brain(tmp_path_factory.getbasetemp())
     train_json, val_json = write_split(root, "ddp", train_limit=8, val_limit=2)
     save_ranks = tmp_path / "save_ranks.json"
-    save_ranks.write_text(json.dumps({"run": [
-        "$list(map(lambda h, t=@train#trainer: h.attach(t), @train#checkpoint_handlers))",
-        "$@train#trainer.run()",
-        "$torch.save(@network.state_dict(), @bundle_root + '/rank' + str(dist.get_rank()) + '.pt')",
-    ]}))
+    save_ranks.write_text(
+        json.dumps(
+            {
+                "run": [
+                    "$list(map(lambda h, t=@train#trainer: h.attach(t), @train#checkpoint_handlers))",
+                    "$@train#trainer.run()",
+                    "$torch.save(@network.state_dict(), @bundle_root + '/rank' + str(dist.get_rank()) + '.pt')",
+                ]
+            }
+        )
+    )
     result = run_bundle(
         ["configs/train.json", "configs/multi_gpu_train.json", str(save_ranks)],
         {

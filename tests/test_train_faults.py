@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-
 from train_helpers import PYTHON, REPO_ROOT, SMALL_NET, bundle_args, convert_brain, env_one_thread, write_split
 
 EPOCHS, PER_EPOCH = 2, 3  # 6 training images, batch 2: killed inside epoch 2
@@ -48,8 +47,12 @@ def test_killed_run_resumes_to_the_same_iteration_count(tmp_path_factory, tmp_pa
     last = tmp_path / "models" / "checkpoint_last.pt"
 
     proc = subprocess.Popen(
-        _command(tmp_path, train_json, val_json, resume=False), cwd=REPO_ROOT, env=env_one_thread(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        _command(tmp_path, train_json, val_json, resume=False),
+        cwd=REPO_ROOT,
+        env=env_one_thread(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     seen, deadline = [], time.time() + 400
     try:
@@ -72,8 +75,12 @@ def test_killed_run_resumes_to_the_same_iteration_count(tmp_path_factory, tmp_pa
     assert all(p.name.startswith("tmp") or p.suffix == ".pt" for p in last.parent.iterdir())
 
     resumed = subprocess.run(
-        _command(tmp_path, train_json, val_json, resume=True), cwd=REPO_ROOT, env=env_one_thread(),
-        capture_output=True, text=True, timeout=600,
+        _command(tmp_path, train_json, val_json, resume=True),
+        cwd=REPO_ROOT,
+        env=env_one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True, map_location="cpu")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-
 from train_helpers import REPO_ROOT, SMALL_NET, convert_brain, write_split
 
 

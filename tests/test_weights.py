@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def to_reference_layout(state):
-    """Re-key a bundle state dict the way the reference SAM-UNet code names its modules (REFERENCE.md section 2)."""
+    """Re-key a bundle state dict the way the reference SAM-UNet code names its modules (image_encoder.sam_img_encoder.*, resnet.stage*, ...)."""
     rules = [
         (r"^image_encoder\.", "image_encoder.sam_img_encoder."),
         (r"^prompt_encoder\.", "prompt_encoder.sam_prompt_encoder."),
@@ -78,9 +78,20 @@ def test_reference_checkpoint_with_pickled_optimizer_is_rejected_then_converted(
 
     converted = tmp_path / "converted.pt"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/convert_checkpoint.py"), str(path), str(converted), "--trust-pickle",
-         "--backbone", "vit_tiny", "--conv-branch", "resnet18"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "scripts/convert_checkpoint.py"),
+            str(path),
+            str(converted),
+            "--trust-pickle",
+            "--backbone",
+            "vit_tiny",
+            "--conv-branch",
+            "resnet18",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "format sam_unet_reference" in run.stdout

@@ -41,7 +41,14 @@ def convert_brain(base: Path) -> Path:
     if not (data / "brain1_image.nrrd").is_file():
         pytest.skip(f"real scans not found at {data}")
     convert_to_sa_med2d(
-        [Case(image=str(data / "brain1_image.nrrd"), label=str(data / "brain1_label.nrrd"), case="brain1", modality="mr")],
+        [
+            Case(
+                image=str(data / "brain1_image.nrrd"),
+                label=str(data / "brain1_label.nrrd"),
+                case="brain1",
+                modality="mr",
+            )
+        ],
         out,
         "Pyradiomics",
         axes=("x",),
@@ -51,15 +58,17 @@ def convert_brain(base: Path) -> Path:
     return out
 
 
-def write_split(root: Path, name: str, train_every: int = 2, train_limit: int = 12, val_limit: int = 8) -> tuple[Path, Path]:
+def write_split(
+    root: Path, name: str, train_every: int = 2, train_limit: int = 12, val_limit: int = 8
+) -> tuple[Path, Path]:
     """Slices with even index -> ``<name>_train.json`` (image -> masks); odd index -> ``<name>_val.json`` (mask ->
     image). Held-out slices are never trained on (neighbouring slices of the same case, 6.5 mm apart at most)."""
     all_images = json.loads((root / "SAMed2D_v1.json").read_text())
     keys = sorted(all_images, key=slice_index)
     train = {k: all_images[k] for k in keys if slice_index(k) % train_every == 0}
     held = [k for k in keys if slice_index(k) % train_every != 0]
-    train = dict(list(train.items())[::max(1, len(train) // train_limit)][:train_limit])
-    held = held[::max(1, len(held) // val_limit)][:val_limit]
+    train = dict(list(train.items())[:: max(1, len(train) // train_limit)][:train_limit])
+    held = held[:: max(1, len(held) // val_limit)][:val_limit]
     val = {all_images[k][0]: k for k in held}
     train_json, val_json = root / f"{name}_train.json", root / f"{name}_val.json"
     train_json.write_text(json.dumps(train, indent=1))

@@ -247,11 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--axes", nargs="+", choices=sorted(AXES), default=["z"], help="slicing axes (array axes 0, 1, 2)")
     add("--split", nargs=3, type=float, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"), help="case shares")
     add("--seed", type=int, default=0, help="seed of the case split")
-    add("--window", type=_window, default="soft_tissue", help="CT window preset (soft_tissue, abdomen, lung, bone, "
-        "brain) or WIDTH,LEVEL")
+    add(
+        "--window",
+        type=_window,
+        default="soft_tissue",
+        help="CT window preset (soft_tissue, abdomen, lung, bone, brain) or WIDTH,LEVEL",
+    )
     add("--percentiles", nargs=2, type=float, default=[0.5, 99.5], metavar=("LOW", "HIGH"), help="MR/PET clipping")
-    add("--min-fraction", type=float, default=MIN_COMPONENT_FRACTION, help="drop components under this fraction of "
-        "the slice area (default: SA-Med2D's 100 px at 256 x 256)")
+    add(
+        "--min-fraction",
+        type=float,
+        default=MIN_COMPONENT_FRACTION,
+        help="drop components under this fraction of the slice area (default: SA-Med2D's 100 px at 256 x 256)",
+    )
     add("--quiet", action="store_true", help="no progress output")
     return parser
 

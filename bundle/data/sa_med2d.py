@@ -1,6 +1,6 @@
 """SA-Med2D-16M names and JSON files, read into MONAI datalists.
 
-Layout (REFERENCE.md section 4): ``images/<prefix>--<dataset>--<case>--<axis>_<slice>.png``
+Layout (as SA-Med2D-16M releases it): ``images/<prefix>--<dataset>--<case>--<axis>_<slice>.png``
 (``--2d_none`` for 2D sources), ``masks/<image stem>--<class:04d>_<instance:03d>.png``. The
 image -> masks JSON (``SAMed2D_v1.json``, ``image2label_<split>.json``) drives training; the
 mask -> image JSON (``label2image_<split>.json``) drives testing, one mask per item. Relative paths

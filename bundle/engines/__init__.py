@@ -1,6 +1,6 @@
 """Training and evaluation engines with simulated prompts (box, points, SAM-Med2D corrective clicks)."""
 
-from . import data
+from . import data  # noqa: F401  (configs use bundle.engines.data.*)
 from .evaluator import DEFAULT_MODES, PromptModeMetric, SAMUNetEvaluator, parse_mode
 from .handlers import AtomicCheckpointSaver, PromptEvaluationReport, check_files, summarise
 from .interactive import InteractiveDecoding, unwrap

@@ -46,7 +46,9 @@ def cached_dataset(
     Both caches keep the deterministic transforms before the first random one.
     """
     if cache == "memory":
-        return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress)
+        return CacheDataset(
+            data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress
+        )
     if cache == "persistent":
         if cache_dir is None:
             raise ValueError("cache='persistent' needs a cache_dir")
@@ -61,7 +63,9 @@ class RandSelectMasksd(Randomizable, MapTransform):
     """Keep ``k`` random channels (instance masks) of each ``[K, H, W]`` key, with replacement as SAM-Med2D (so every
     item has exactly k masks and batches collate), or without replacement when ``replace=False`` and K >= k."""
 
-    def __init__(self, keys: KeysCollection = "label", k: int = 5, replace: bool = True, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection = "label", k: int = 5, replace: bool = True, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if k < 1:
             raise ValueError(f"k {k!r}: expected at least one mask per image")
@@ -96,7 +100,9 @@ def volume_slice_datalist(
     a missing one raises FileNotFoundError naming it.
     """
     check_files(datalist, ("image", "label"), base_dir, what="volume datalist")
-    normalizer = ModalityNormalize(default_modality=default_modality, window=window, percentiles=percentiles, out_channels=1)
+    normalizer = ModalityNormalize(
+        default_modality=default_modality, window=window, percentiles=percentiles, out_channels=1
+    )
     items: list[dict] = []
     for entry in datalist:
         image_path, label_path = (
@@ -104,7 +110,9 @@ def volume_slice_datalist(
             for p in (entry["image"], entry["label"])
         )
         image, label = load_labelled_volume(image_path, label_path)
-        modality = resolve_modality(image.meta, field=entry.get("modality"), default=default_modality, source=image_path)
+        modality = resolve_modality(
+            image.meta, field=entry.get("modality"), default=default_modality, source=image_path
+        )
         grey = normalizer.normalize(image, modality, image_path)
         case = entry.get("case") or os.path.basename(os.fspath(image_path)).split(".")[0]
         spacing = np.asarray(image.meta.get("spacing", np.ones(3)), dtype=float).reshape(-1)[:3]
@@ -126,7 +134,9 @@ def volume_slice_datalist(
                 }
             )
             kept += 1
-        logger.info(f"{image_path}: {kept} slices with masks, {dropped_slices} slices whose components were all too small")
+        logger.info(
+            f"{image_path}: {kept} slices with masks, {dropped_slices} slices whose components were all too small"
+        )
     if not items:
         raise ValueError("volume datalist: no slice with a labelled component; nothing to train or evaluate on")
     return items

@@ -55,7 +55,12 @@ def _pairs(value, n: int) -> list | None:
     """Collated per-item pairs (``[B, 2]`` tensor, list of pairs, or a pair of ``[B]`` tensors) as ``n`` lists of 2."""
     if value is None:
         return None
-    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], torch.Tensor) and value[0].ndim == 1:
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and isinstance(value[0], torch.Tensor)
+        and value[0].ndim == 1
+    ):
         value = torch.stack(list(value), dim=1)
     arr = torch.as_tensor(value if not isinstance(value, (list, tuple)) else [list(map(float, v)) for v in value])
     return arr.reshape(n, -1)[:, -2:].tolist()
@@ -125,7 +130,12 @@ class SAMUNetEvaluator(SupervisedEvaluator):
         self.nsd_tolerance_mm = float(nsd_tolerance_mm)
         self.prompt_seed = int(prompt_seed)
         self.image_key, self.label_key = image_key, label_key
-        self.spacing_key, self.modality_key, self.id_key, self.valid_size_key = spacing_key, modality_key, id_key, valid_size_key
+        self.spacing_key, self.modality_key, self.id_key, self.valid_size_key = (
+            spacing_key,
+            modality_key,
+            id_key,
+            valid_size_key,
+        )
         self._reseed()
         self.add_event_handler(Events.EPOCH_STARTED, lambda _: self._reseed())
 
@@ -158,8 +168,10 @@ class SAMUNetEvaluator(SupervisedEvaluator):
         spacing = _pairs(batchdata.get(self.spacing_key), b)
         frames = [frame_shape(hw, size) for hw in original_hw]
         frame_spacing = [
-            [(spacing[i][0] if spacing else 1.0) * original_hw[i][0] / frames[i][0],
-             (spacing[i][1] if spacing else 1.0) * original_hw[i][1] / frames[i][1]]
+            [
+                (spacing[i][0] if spacing else 1.0) * original_hw[i][0] / frames[i][0],
+                (spacing[i][1] if spacing else 1.0) * original_hw[i][1] / frames[i][1],
+            ]
             for i in range(b)
         ]
         nonempty = masks.flatten(1).any(dim=1)
@@ -178,8 +190,14 @@ class SAMUNetEvaluator(SupervisedEvaluator):
                     break
                 prompt, iterations = self._prompts(mode, masks[keep])
                 lows = step(
-                    image, masks[keep], image_index[keep], iterations=iterations, valid=valid,
-                    generator=self.generator, features=features, **prompt,
+                    image,
+                    masks[keep],
+                    image_index[keep],
+                    iterations=iterations,
+                    valid=valid,
+                    generator=self.generator,
+                    features=features,
+                    **prompt,
                 )
                 pred = (unwrap(engine.network).upsample_logits(lows[-1].float()) > 0).float()
                 cases[mode] = (keep, pred)
@@ -192,17 +210,46 @@ class SAMUNetEvaluator(SupervisedEvaluator):
                     dice = float(compute_dice(p, g, include_background=True, ignore_empty=False))
                     nsd = float(
                         compute_surface_dice(
-                            p, g, class_thresholds=[self.nsd_tolerance_mm], include_background=True,
+                            p,
+                            g,
+                            class_thresholds=[self.nsd_tolerance_mm],
+                            include_background=True,
                             spacing=frame_spacing[img],
                         )
                     )
-                    rows.append(self._row(ids[img], mask_i % n_per_image, modalities[img], mode, "ok", dice, nsd,
-                                          int(g.sum()), int(p.sum()), img, mask_i))
+                    rows.append(
+                        self._row(
+                            ids[img],
+                            mask_i % n_per_image,
+                            modalities[img],
+                            mode,
+                            "ok",
+                            dice,
+                            nsd,
+                            int(g.sum()),
+                            int(p.sum()),
+                            img,
+                            mask_i,
+                        )
+                    )
         for mask_i in torch.nonzero(~nonempty).flatten().tolist():
             img = mask_i // n_per_image
             for mode in self.prompt_modes:
-                rows.append(self._row(ids[img], mask_i % n_per_image, modalities[img], mode, "empty_mask",
-                                      math.nan, math.nan, 0, 0, img, mask_i))
+                rows.append(
+                    self._row(
+                        ids[img],
+                        mask_i % n_per_image,
+                        modalities[img],
+                        mode,
+                        "empty_mask",
+                        math.nan,
+                        math.nan,
+                        0,
+                        0,
+                        img,
+                        mask_i,
+                    )
+                )
         engine.state.output = {
             Keys.IMAGE: image,
             Keys.LABEL: masks,
@@ -216,7 +263,9 @@ class SAMUNetEvaluator(SupervisedEvaluator):
         return engine.state.output
 
     @staticmethod
-    def _row(image_id, mask_index, modality, mode, status, dice, nsd, gt_pixels, pred_pixels, batch_image, flat_index) -> dict:
+    def _row(
+        image_id, mask_index, modality, mode, status, dice, nsd, gt_pixels, pred_pixels, batch_image, flat_index
+    ) -> dict:
         return {
             "image": image_id,
             "mask_index": mask_index,
@@ -239,7 +288,9 @@ class PromptModeMetric(Metric):
     evaluator's ``key_val_metric`` (``{"val_mean_dice": PromptModeMetric("box")}``) for best-model checkpoints.
     """
 
-    def __init__(self, mode: str = "box", metric: str = "dice", output_transform=lambda out: out["rows"], device="cpu") -> None:
+    def __init__(
+        self, mode: str = "box", metric: str = "dice", output_transform=lambda out: out["rows"], device="cpu"
+    ) -> None:
         parse_mode(mode)
         if metric not in ("dice", "nsd"):
             raise ValueError(f"metric {metric!r}: expected 'dice' or 'nsd'")

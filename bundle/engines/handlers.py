@@ -64,13 +64,20 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if self._final_checkpoint is not None:
             self._final_checkpoint.save_handler = _AtomicDiskSaver(save_dir, self._final_filename, wrap)
         if self._key_metric_checkpoint is not None:
-            self._key_metric_checkpoint.save_handler = _AtomicDiskSaver(save_dir, kwargs.get("key_metric_filename"), wrap)
+            self._key_metric_checkpoint.save_handler = _AtomicDiskSaver(
+                save_dir, kwargs.get("key_metric_filename"), wrap
+            )
         if self._interval_checkpoint is not None:
             self._interval_checkpoint.save_handler = _AtomicDiskSaver(save_dir, interval_filename, wrap)
 
 
 # ------------------------------------------------------------------------------------------------------ datalist check
-def check_files(datalist, keys: Sequence[str] = ("image", "label"), base_dir: str | os.PathLike | None = None, what: str = "datalist"):
+def check_files(
+    datalist,
+    keys: Sequence[str] = ("image", "label"),
+    base_dir: str | os.PathLike | None = None,
+    what: str = "datalist",
+):
     """Return ``datalist`` unchanged after checking that every path under ``keys`` exists.
 
     Items are dicts; a key may hold one path or a list of paths (several masks per image). Relative paths are taken
@@ -180,7 +187,10 @@ class PromptEvaluationReport:
                 self._counter += 1
                 if len(heap) >= self.worst_k and entry_key <= heap[0][:2]:
                     continue
-                grey = image[img].float().cpu() * torch.tensor(SAM_PIXEL_STD)[:, None, None] + torch.tensor(SAM_PIXEL_MEAN)[:, None, None]
+                grey = (
+                    image[img].float().cpu() * torch.tensor(SAM_PIXEL_STD)[:, None, None]
+                    + torch.tensor(SAM_PIXEL_MEAN)[:, None, None]
+                )
                 arrays = (
                     grey.mean(0).clamp(0, 255).numpy().astype(np.uint8),
                     masks[mask_i, 0].cpu().numpy() > 0.5,
@@ -212,11 +222,14 @@ class PromptEvaluationReport:
         fields = ["image", "mask_index", "modality", "mode", "status", "dice", "nsd", "gt_pixels", "pred_pixels"]
         _write_csv(out / "per_mask.csv", rows, fields)
         _write_csv(out / "summary.csv", summary, list(summary[0]) if summary else ["modality", "mode"])
-        spacing_given = bool(engine.state.output.get("spacing_given", False)) if isinstance(engine.state.output, dict) else False
+        spacing_given = (
+            bool(engine.state.output.get("spacing_given", False)) if isinstance(engine.state.output, dict) else False
+        )
         payload = {
             "summary": summary,
             "n_rows": len(rows),
-            "n_empty_masks": sum(s["n_empty"] for s in summary if s["modality"] == "all") // max(1, len({r["mode"] for r in rows})),
+            "n_empty_masks": sum(s["n_empty"] for s in summary if s["modality"] == "all")
+            // max(1, len({r["mode"] for r in rows})),
             "nsd_tolerance_mm": getattr(engine, "nsd_tolerance_mm", None),
             "spacing_from_data": spacing_given,
             "prompt_modes": getattr(engine, "prompt_modes", None),
@@ -232,8 +245,16 @@ class PromptEvaluationReport:
         for mode, items in merged.items():
             items = sorted(items, key=lambda a: a[3]["dice"])[: self.worst_k]
             for rank, (grey, gt, pred, row) in enumerate(items):
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{mode}_{rank}_{row['image']}_{row['mask_index']}")
-                _overlay(grey, gt, pred, f"{row['image']} mask {row['mask_index']} {mode}: Dice {row['dice']:.3f}", worst_dir / f"{safe}.png")
+                safe = "".join(
+                    c if c.isalnum() or c in "-_." else "_" for c in f"{mode}_{rank}_{row['image']}_{row['mask_index']}"
+                )
+                _overlay(
+                    grey,
+                    gt,
+                    pred,
+                    f"{row['image']} mask {row['mask_index']} {mode}: Dice {row['dice']:.3f}",
+                    worst_dir / f"{safe}.png",
+                )
 
     @staticmethod
     def _chart(summary: list[dict], path: Path) -> None:

@@ -55,7 +55,9 @@ class InteractiveDecoding(nn.Module):
         net = self.network
         if features is None:
             features = net.encode(image)
-        low = net.decode_low_res(features, boxes=boxes, points=points, point_labels=point_labels, image_index=image_index)
+        low = net.decode_low_res(
+            features, boxes=boxes, points=points, point_labels=point_labels, image_index=image_index
+        )
         outputs = [low]
         for _ in range(iterations):
             with torch.no_grad():

@@ -11,7 +11,6 @@ Coordinates are pixel coordinates of the network frame, x then y; masks are ``[N
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

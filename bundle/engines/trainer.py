@@ -22,7 +22,9 @@ __all__ = ["SAMUNetTrainer", "flatten_masks"]
 logger = logging.getLogger(__name__)
 
 
-def flatten_masks(batch: Mapping, image_key: str, label_key: str, device, non_blocking: bool = False, valid_key: str | None = None):
+def flatten_masks(
+    batch: Mapping, image_key: str, label_key: str, device, non_blocking: bool = False, valid_key: str | None = None
+):
     """Batch -> ``image [B, 3, S, S]``, ``masks [B*M, 1, S, S]`` (float 0/1), ``image_index [B*M]``, ``valid [B, S, S]``.
 
     ``batch[label_key]`` is ``[B, M, S, S]``: M instance masks per image (M = 1 for one mask per item). All-zero
@@ -114,7 +116,9 @@ class SAMUNetTrainer(SupervisedTrainer):
         if unknown or not probs or sum(probs.values()) <= 0 or min(probs.values()) < 0:
             raise ValueError(f"prompt_probs must give non-negative weights to 'box' and/or 'points', got {probs}")
         if interactive_iterations < 0 or num_points < 1:
-            raise ValueError(f"need interactive_iterations >= 0 and num_points >= 1, got {interactive_iterations}, {num_points}")
+            raise ValueError(
+                f"need interactive_iterations >= 0 and num_points >= 1, got {interactive_iterations}, {num_points}"
+            )
         self.prompt_modes = list(probs)
         self.prompt_weights = torch.tensor([float(probs[k]) for k in self.prompt_modes])
         self.num_points = int(num_points)
@@ -176,7 +180,12 @@ class SAMUNetTrainer(SupervisedTrainer):
         else:
             mode, prompt = self._initial_prompt(masks)
 
-        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: masks, "prompt_mode": mode, "num_masks": int(weight and keep.numel())}
+        engine.state.output = {
+            Keys.IMAGE: image,
+            Keys.LABEL: masks,
+            "prompt_mode": mode,
+            "num_masks": int(weight and keep.numel()),
+        }
         net = unwrap(engine.network)
 
         def _compute_pred_loss():

@@ -33,7 +33,9 @@ def load_for_export(network: SAMUNet, checkpoint: str | os.PathLike | dict, sour
     try:
         mapped, report = convert_state_dict(network, state, "auto")
     except ValueError as error:
-        raise ValueError(f"{source} does not match the network to export ({describe(network)}): {error}; {hint}") from None
+        raise ValueError(
+            f"{source} does not match the network to export ({describe(network)}): {error}; {hint}"
+        ) from None
     if report.missing:
         raise ValueError(
             f"{source} does not match the network to export ({describe(network)}): it lacks {len(report.missing)} of "

@@ -99,7 +99,10 @@ class PromptDecoderExport(nn.Module):
         return has_mask * prompt.mask_downscaling(mask_input) + (1 - has_mask) * no_mask
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        features, (point_coords, point_labels, mask_input, has_mask_input) = inputs[: self.n_features], inputs[self.n_features :]
+        features, (point_coords, point_labels, mask_input, has_mask_input) = (
+            inputs[: self.n_features],
+            inputs[self.n_features :],
+        )
         embedding = features[0]
         multi_scale = features[1] if self.n_features > 1 else None
         sparse = self.sparse_embedding(point_coords, point_labels)

@@ -44,8 +44,12 @@ def _example_prompts(network: SAMUNet, batch: int, device, clicks: int = 2) -> t
     boxes = torch.tensor([[0.1, 0.2, 0.7, 0.8]] * batch) * (size - 1)
     points = torch.rand(batch, clicks, 2, generator=generator) * (size - 1)
     coords, labels = pack_prompts(boxes, points, (torch.arange(clicks) % 2 == 0).float().expand(batch, clicks))
-    return (coords.to(device), labels.to(device), torch.zeros(batch, 1, mask_size, mask_size, device=device),
-            torch.zeros(1, device=device))
+    return (
+        coords.to(device),
+        labels.to(device),
+        torch.zeros(batch, 1, mask_size, mask_size, device=device),
+        torch.zeros(1, device=device),
+    )
 
 
 def _metadata(network: SAMUNet, part: str, inputs, outputs, fingerprint: str, extra: dict) -> dict[str, str]:
@@ -69,8 +73,17 @@ def _write_onnx(module, args, path: Path, input_names, output_names, dynamic_axe
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and legacy-exporter deprecation warnings
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=list(input_names),
-                          output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
     model = onnx.load(str(path))
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -111,16 +124,35 @@ def export_onnx(
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         staged = {ENCODER_FILE: Path(tmp) / ENCODER_FILE, DECODER_FILE: Path(tmp) / DECODER_FILE}
-        _write_onnx(encoder, (image,), staged[ENCODER_FILE], ["image"], names,
-                    {"image": batch, **{n: batch for n in names}},
-                    _metadata(network, "image_encoder", ["image"], names, fingerprint, metadata or {}))
-        _write_onnx(decoder, (*features, *prompts), staged[DECODER_FILE], decoder_inputs, ["low_res_logits"],
-                    {**{n: batch for n in names}, "point_coords": {0: "batch", 1: "points"},
-                     "point_labels": {0: "batch", 1: "points"}, "mask_input": batch, "low_res_logits": batch},
-                    _metadata(network, "prompt_decoder", decoder_inputs, ["low_res_logits"], fingerprint, metadata or {}))
+        _write_onnx(
+            encoder,
+            (image,),
+            staged[ENCODER_FILE],
+            ["image"],
+            names,
+            {"image": batch, **{n: batch for n in names}},
+            _metadata(network, "image_encoder", ["image"], names, fingerprint, metadata or {}),
+        )
+        _write_onnx(
+            decoder,
+            (*features, *prompts),
+            staged[DECODER_FILE],
+            decoder_inputs,
+            ["low_res_logits"],
+            {
+                **{n: batch for n in names},
+                "point_coords": {0: "batch", 1: "points"},
+                "point_labels": {0: "batch", 1: "points"},
+                "mask_input": batch,
+                "low_res_logits": batch,
+            },
+            _metadata(network, "prompt_decoder", decoder_inputs, ["low_res_logits"], fingerprint, metadata or {}),
+        )
         worst = verify_onnx(network, staged[ENCODER_FILE], staged[DECODER_FILE], image)
         if worst > atol:
-            raise RuntimeError(f"ONNX Runtime differs from PyTorch by {worst:.3g} (> {atol}) on the check input; nothing written")
+            raise RuntimeError(
+                f"ONNX Runtime differs from PyTorch by {worst:.3g} (> {atol}) on the check input; nothing written"
+            )
         logger.info("ONNX export checked against PyTorch: max |logit difference| %.2e", worst)
         written = {}
         for name, path in staged.items():
@@ -147,6 +179,8 @@ def verify_onnx(network: SAMUNet, encoder_path, decoder_path, image: torch.Tenso
             prompts = _example_prompts(network, batch.shape[0], batch.device, clicks)
             with torch.no_grad():
                 reference = decoder(*reference_features, *prompts)
-            low_res = runtime.run_decoder([f.cpu().numpy() for f in reference_features], *(p.cpu().numpy() for p in prompts))
+            low_res = runtime.run_decoder(
+                [f.cpu().numpy() for f in reference_features], *(p.cpu().numpy() for p in prompts)
+            )
             worst = max(worst, float(np.abs(low_res - reference.cpu().numpy()).max()))
     return worst

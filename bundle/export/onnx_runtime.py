@@ -32,7 +32,9 @@ class OnnxSAMUNet(nn.Module):
     Inputs and outputs are torch tensors on the CPU, as the bundle's inferers pass them.
     """
 
-    def __init__(self, encoder: str | os.PathLike, decoder: str | os.PathLike, threads: int | None = None, providers=None) -> None:
+    def __init__(
+        self, encoder: str | os.PathLike, decoder: str | os.PathLike, threads: int | None = None, providers=None
+    ) -> None:
         super().__init__()
         import onnxruntime as ort
 
@@ -75,7 +77,9 @@ class OnnxSAMUNet(nn.Module):
         """Packed prompts (one row per prompt, features already repeated per prompt) -> low-res logits."""
         feeds = {name: np.ascontiguousarray(f, dtype=np.float32) for name, f in zip(self.feature_names, features)}
         values = (point_coords, point_labels, mask_input, has_mask_input)
-        feeds.update({name: np.ascontiguousarray(v, dtype=np.float32) for name, v in zip(DECODER_PROMPT_INPUTS, values)})
+        feeds.update(
+            {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in zip(DECODER_PROMPT_INPUTS, values)}
+        )
         return self.decoder_session.run(None, feeds)[0]
 
     # ------------------------------------------------------------------------------------------ the SAMUNet interface
@@ -87,7 +91,9 @@ class OnnxSAMUNet(nn.Module):
         outputs = self.run_encoder(image.detach().float().cpu().numpy())
         return {name: torch.from_numpy(out) for name, out in zip(self.feature_names, outputs)}
 
-    def decode_low_res(self, features, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None) -> torch.Tensor:
+    def decode_low_res(
+        self, features, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None
+    ) -> torch.Tensor:
         """As :meth:`SAMUNet.decode_low_res`: one row per prompt, ``image_index`` maps prompts to images."""
         batch = features["embedding"].shape[0]
         cpu = torch.device("cpu")
@@ -100,7 +106,9 @@ class OnnxSAMUNet(nn.Module):
         has_mask = np.ones(1, np.float32) if mask_inputs is not None else np.zeros(1, np.float32)
         if mask_inputs is None:
             mask_inputs = torch.zeros(len(index), 1, self.mask_input_size, self.mask_input_size)
-        low_res = self.run_decoder(rows, coords.numpy(), labels.numpy(), mask_inputs.detach().float().cpu().numpy(), has_mask)
+        low_res = self.run_decoder(
+            rows, coords.numpy(), labels.numpy(), mask_inputs.detach().float().cpu().numpy(), has_mask
+        )
         return torch.from_numpy(low_res)
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
@@ -111,9 +119,17 @@ class OnnxSAMUNet(nn.Module):
         """Logits ``[N, 1, S, S]`` for the prompts (see :meth:`decode_low_res`)."""
         return self.upsample_logits(self.decode_low_res(features, **prompts))
 
-    def forward(self, image, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None) -> torch.Tensor:
-        return self.decode(self.encode(image), boxes=boxes, points=points, point_labels=point_labels,
-                           mask_inputs=mask_inputs, image_index=image_index)
+    def forward(
+        self, image, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None
+    ) -> torch.Tensor:
+        return self.decode(
+            self.encode(image),
+            boxes=boxes,
+            points=points,
+            point_labels=point_labels,
+            mask_inputs=mask_inputs,
+            image_index=image_index,
+        )
 
     def extra_repr(self) -> str:
         return f"{self.source}, {self.config}"

@@ -58,7 +58,9 @@ class _TwoFeatureDecoder(nn.Module):
 class ScriptedSAMUNet(nn.Module):
     """Scripted shell around the traced encoder and decoder (see the module docstring for its methods)."""
 
-    def __init__(self, encoder: torch.jit.ScriptModule, decoder: torch.jit.ScriptModule, image_size: int, mask_input_size: int) -> None:
+    def __init__(
+        self, encoder: torch.jit.ScriptModule, decoder: torch.jit.ScriptModule, image_size: int, mask_input_size: int
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -101,9 +103,17 @@ def trace_network(network: SAMUNet) -> ScriptedSAMUNet:
     with torch.no_grad():
         traced_encoder = torch.jit.trace(encoder, (image,))
         embedding, multi_scale = encoder(image)
-        coords, labels = pack_prompts(torch.tensor([[10.0, 20.0, 100.0, 120.0]] * 2), torch.rand(2, 1, 2) * size, torch.ones(2, 1))
-        example = (embedding, multi_scale, coords.to(device), labels.to(device), torch.zeros(2, 1, mask_size, mask_size, device=device),
-                   torch.zeros(1, device=device))
+        coords, labels = pack_prompts(
+            torch.tensor([[10.0, 20.0, 100.0, 120.0]] * 2), torch.rand(2, 1, 2) * size, torch.ones(2, 1)
+        )
+        example = (
+            embedding,
+            multi_scale,
+            coords.to(device),
+            labels.to(device),
+            torch.zeros(2, 1, mask_size, mask_size, device=device),
+            torch.zeros(1, device=device),
+        )
         traced_decoder = torch.jit.trace(decoder, example)
     return ScriptedSAMUNet(traced_encoder, traced_decoder, size, mask_size)
 

@@ -12,4 +12,11 @@ See docs/federated.md.
 from .exchange import FROZEN_VARS, frozen_fingerprint, split_keys, trainable_state_keys, wire_bytes
 from .filters import ExcludeFrozenWeights
 
-__all__ = ["FROZEN_VARS", "ExcludeFrozenWeights", "frozen_fingerprint", "split_keys", "trainable_state_keys", "wire_bytes"]
+__all__ = [
+    "FROZEN_VARS",
+    "ExcludeFrozenWeights",
+    "frozen_fingerprint",
+    "split_keys",
+    "trainable_state_keys",
+    "wire_bytes",
+]

@@ -60,7 +60,9 @@ def parse_overrides(pairs: Sequence[str] | None, files: Sequence[str] | None = N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bundle.fl.client", description="FLARE client API script running the bundle's MonaiAlgo.")
+    p = argparse.ArgumentParser(
+        prog="bundle.fl.client", description="FLARE client API script running the bundle's MonaiAlgo."
+    )
     p.add_argument("--bundle_root", default=DEFAULT_BUNDLE_ROOT, help="bundle root (default: this installed bundle)")
     p.add_argument("--config_train", default="configs/train.json", help="training config, relative to the bundle root")
     p.add_argument(
@@ -73,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_dir", help="this site's data folder (config id dataset_dir)")
     p.add_argument("--train_json", help="this site's training datalist (config id train_json)")
     p.add_argument("--val_json", help="this site's validation datalist (config id val_json)")
-    p.add_argument("--validate", action="store_true", help="evaluate each received global model on the validation datalist")
+    p.add_argument(
+        "--validate", action="store_true", help="evaluate each received global model on the validation datalist"
+    )
     p.add_argument("--workdir", help="where this site writes checkpoints, logs and cache (default: ./<site name>)")
     p.add_argument("--override", action="append", default=[], metavar="ID=VALUE", help="config override (repeatable)")
     p.add_argument("--overrides_file", action="append", default=[], help="JSON file of config overrides (repeatable)")

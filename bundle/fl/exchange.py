@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from monai.fl.utils.exchange_object import ExchangeObject
 
 #: state-dict keys that never travel: the frozen image encoder of :class:`bundle.networks.SAMUNet`
 FROZEN_VARS = r"^image_encoder\."

@@ -38,7 +38,9 @@ class Site:
 def _check_path_arg(site: str, what: str, value: str) -> str:
     # FLARE splits the in-process script arguments at whitespace, without shell quoting
     if any(c.isspace() for c in value):
-        raise ValueError(f"site {site}: {what} {value!r} contains whitespace, which FLARE's script arguments cannot carry")
+        raise ValueError(
+            f"site {site}: {what} {value!r} contains whitespace, which FLARE's script arguments cannot carry"
+        )
     return value
 
 

@@ -24,7 +24,10 @@ def config_value(bundle_root: str, config_file: str | list, key: str, overrides:
 
 
 def build_bundle_network(
-    bundle_root: str, config_file: str | list = "configs/train.json", network_id: str = "network_def", overrides: Mapping | None = None
+    bundle_root: str,
+    config_file: str | list = "configs/train.json",
+    network_id: str = "network_def",
+    overrides: Mapping | None = None,
 ) -> nn.Module:
     """Instantiate ``network_id`` from the bundle config with ``overrides`` (ids as in ``monai.bundle run``)."""
     from monai.bundle import ConfigParser

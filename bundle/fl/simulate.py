@@ -24,7 +24,9 @@ def sites_from_args(args: argparse.Namespace) -> list[Site]:
         with open(args.sites_file, encoding="utf-8") as f:
             items = json.load(f)
         if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
-            raise ValueError(f"{args.sites_file}: expected a JSON list of objects with 'name' (and dataset_dir, train_json, val_json, overrides)")
+            raise ValueError(
+                f"{args.sites_file}: expected a JSON list of objects with 'name' (and dataset_dir, train_json, val_json, overrides)"
+            )
         base = os.path.dirname(os.path.abspath(args.sites_file))
         for item in items:
             unknown = set(item) - {"name", "dataset_dir", "train_json", "val_json", "overrides"}
@@ -101,8 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated training of this bundle in NVIDIA FLARE's simulator (FedAvg, MONAI FL MonaiAlgo on "
         "configs/train.json); each site trains on its own data and only the trainable part of SAM-UNet travels.",
     )
-    p.add_argument("--data", action="append", help="one site's SA-Med2D folder (prepare_sa_med2d.py output); repeat per site")
-    p.add_argument("--sites-file", help="JSON list of sites: name, dataset_dir, train_json, val_json, overrides (paths relative to the file)")
+    p.add_argument(
+        "--data", action="append", help="one site's SA-Med2D folder (prepare_sa_med2d.py output); repeat per site"
+    )
+    p.add_argument(
+        "--sites-file",
+        help="JSON list of sites: name, dataset_dir, train_json, val_json, overrides (paths relative to the file)",
+    )
     p.add_argument(
         "--sites",
         type=int,
@@ -112,12 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="FedAvg rounds")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--workspace", required=True, help="new folder for the simulator workspace and the sites' outputs")
-    p.add_argument("--exchange", choices=EXCHANGES, default="trainable", help="trainable: frozen encoder stays local; full: send everything")
-    p.add_argument("--on-site-error", choices=ON_SITE_ERROR, default="abort", help="a failing site stops the job, or is skipped")
-    p.add_argument("--override", action="append", default=[], metavar="ID=VALUE", help="config override for every site and the server model")
+    p.add_argument(
+        "--exchange",
+        choices=EXCHANGES,
+        default="trainable",
+        help="trainable: frozen encoder stays local; full: send everything",
+    )
+    p.add_argument(
+        "--on-site-error", choices=ON_SITE_ERROR, default="abort", help="a failing site stops the job, or is skipped"
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="config override for every site and the server model",
+    )
     p.add_argument("--overrides-file", action="append", default=[], help="JSON file of shared config overrides")
-    p.add_argument("--validate", action="store_true", help="sites evaluate each global model on their validation datalist")
-    p.add_argument("--no-frozen-check", action="store_true", help="do not check that every site's frozen encoder matches")
+    p.add_argument(
+        "--validate", action="store_true", help="sites evaluate each global model on their validation datalist"
+    )
+    p.add_argument(
+        "--no-frozen-check", action="store_true", help="do not check that every site's frozen encoder matches"
+    )
     p.add_argument("--record", action="store_true", help="save each site's update per round under WORKSPACE/record")
     p.add_argument("--threads", type=int, help="simulator threads (default: one per site)")
     p.add_argument("--site-threads", type=int, help="torch CPU threads per site")
@@ -199,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_weights = os.path.join(workspace, "initial_weights.pt")
             torch.save({"model": network.state_dict()}, start_weights)
             shared["weights"] = start_weights
-            logger.warning("no 'weights' given: every site starts from %s (random encoder, for trying the job out)", start_weights)
+            logger.warning(
+                "no 'weights' given: every site starts from %s (random encoder, for trying the job out)", start_weights
+            )
         # 16 hex digits: enough to catch a different encoder, short enough not to look like a secret to FLARE
         fingerprint = frozen_fingerprint(network)[:16]
         del network
@@ -230,7 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.exchange == "trainable" and not args.no_frozen_check:
         prints = {n: r.get("frozen_sha256") for n, r in summary["sites"].items() if r.get("frozen_sha256")}
         if len(set(prints.values())) > 1:
-            print(f"error: the sites' frozen encoders differ (sha256 per site: {prints}); the run is invalid", file=sys.stderr)
+            print(
+                f"error: the sites' frozen encoders differ (sha256 per site: {prints}); the run is invalid",
+                file=sys.stderr,
+            )
             status = 1
     summary.update(
         {

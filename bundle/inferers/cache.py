@@ -37,7 +37,9 @@ class EmbeddingCache:
     Thread-safe (a lock guards every access), so a server may share it between request threads.
     """
 
-    def __init__(self, max_bytes: int = 1 << 30, max_items: int | None = None, storage_device: str | torch.device | None = None) -> None:
+    def __init__(
+        self, max_bytes: int = 1 << 30, max_items: int | None = None, storage_device: str | torch.device | None = None
+    ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         if max_items is not None and max_items < 0:
@@ -65,7 +67,10 @@ class EmbeddingCache:
 
     def put(self, key: Hashable, features: Features) -> bool:
         """Store ``features`` (one image, no batch dimension) under ``key``; returns whether they were kept."""
-        stored = {name: t.detach().to(self.storage_device) if self.storage_device else t.detach() for name, t in features.items()}
+        stored = {
+            name: t.detach().to(self.storage_device) if self.storage_device else t.detach()
+            for name, t in features.items()
+        }
         size = features_nbytes(stored)
         with self._lock:
             if key in self._entries:

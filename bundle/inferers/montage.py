@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_montage(volume: np.ndarray, mask: np.ndarray, slices, path: Path, transpose: bool = False, max_panels: int = 16) -> Path:
+def write_montage(
+    volume: np.ndarray, mask: np.ndarray, slices, path: Path, transpose: bool = False, max_panels: int = 16
+) -> Path:
     """Draw up to ``max_panels`` of the prompted ``slices`` (evenly chosen) of ``volume [A, B, K]`` (or
     ``[3, A, B, K]``, intensities in [0, 255]) with ``mask [A, B, K]`` in red, boxes in yellow (cyan when propagated) and
     clicks (green foreground, red background). Shown as the network sees them (rows = array axis a unless ``transpose``)."""
@@ -45,8 +47,16 @@ def write_montage(volume: np.ndarray, mask: np.ndarray, slices, path: Path, tran
         if s.box is not None:
             a0, b0, a1, b1 = s.box
             x0, y0, x1, y1 = (a0, b0, a1, b1) if transpose else (b0, a0, b1, a1)
-            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, lw=1,
-                                   ec="cyan" if s.propagated else "yellow"))
+            ax.add_patch(
+                Rectangle(
+                    (x0 - 0.5, y0 - 0.5),
+                    x1 - x0 + 1,
+                    y1 - y0 + 1,
+                    fill=False,
+                    lw=1,
+                    ec="cyan" if s.propagated else "yellow",
+                )
+            )
         for (a, b), label in zip(s.points, s.labels):
             x, y = (a, b) if transpose else (b, a)
             ax.plot(x, y, marker="*", ms=9, color="lime" if label == 1 else "red", mec="black")

@@ -152,7 +152,9 @@ class PromptedSliceInferer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(pixel_normalization, str) and pixel_normalization not in PIXEL_NORMALIZATIONS:
-            raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS} or a callable, got {pixel_normalization!r}")
+            raise ValueError(
+                f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS} or a callable, got {pixel_normalization!r}"
+            )
         self.network = network
         self.pixel_normalization = pixel_normalization
         self.batch_size = int(batch_size)
@@ -227,14 +229,18 @@ class PromptedSliceInferer:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.batch_size = max(1, self.batch_size // 2)
-                logger.warning("out of memory encoding %d slices; retrying with batch size %d", chunk.shape[0], self.batch_size)
+                logger.warning(
+                    "out of memory encoding %d slices; retrying with batch size %d", chunk.shape[0], self.batch_size
+                )
                 continue
             self.stats["encoded"] += chunk.shape[0]
             out.extend({name: t[n] for name, t in features.items()} for n in range(chunk.shape[0]))
             start += chunk.shape[0]
         return out
 
-    def features_for(self, volume: np.ndarray, indices: list[int], image_id, axis: int, frame: SliceFrame) -> list[dict]:
+    def features_for(
+        self, volume: np.ndarray, indices: list[int], image_id, axis: int, frame: SliceFrame
+    ) -> list[dict]:
         """Features of slices ``indices`` of ``volume [A, B, K]`` (or ``[3, A, B, K]``), from the cache or encoded."""
         found = {k: self.cache.get((image_id, axis, k)) for k in indices}
         missing = [k for k in indices if found[k] is None]
@@ -247,7 +253,9 @@ class PromptedSliceInferer:
         return [found[k] for k in indices]
 
     @torch.no_grad()
-    def decode(self, features: list[dict], prompts: list[SlicePrompt], frame: SliceFrame, mask_inputs=None) -> torch.Tensor:
+    def decode(
+        self, features: list[dict], prompts: list[SlicePrompt], frame: SliceFrame, mask_inputs=None
+    ) -> torch.Tensor:
         """Decode one prompt per slice (all slices in one batch); returns slice-grid logits ``[N, A, B]``."""
         boxes = [p.box for p in prompts]
         use_boxes = any(b is not None for b in boxes)
@@ -310,7 +318,9 @@ class PromptedSliceInferer:
         return float(abs(grey[mask].mean() - grey[ring].mean()))
 
     # ------------------------------------------------------------------------------------------------------ high level
-    def segment_slice(self, volume: np.ndarray, index: int, prompt: SlicePrompt, image_id="volume", axis: int = -1) -> np.ndarray:
+    def segment_slice(
+        self, volume: np.ndarray, index: int, prompt: SlicePrompt, image_id="volume", axis: int = -1
+    ) -> np.ndarray:
         """Segment one slice of ``volume [A, B, K]`` with ``prompt`` (reusing a cached embedding); ``[A, B]`` bool.
 
         This is the interactive path: a new click on an already-encoded slice only runs the decoder.
@@ -319,7 +329,9 @@ class PromptedSliceInferer:
         features = self.features_for(volume, [index], image_id, axis, frame)
         return (self.decode(features, [prompt], frame)[0] > 0).cpu().numpy()
 
-    def segment_volume(self, volume: np.ndarray, plan: PromptPlan, image_id="volume") -> tuple[np.ndarray, list[SliceResult]]:
+    def segment_volume(
+        self, volume: np.ndarray, plan: PromptPlan, image_id="volume"
+    ) -> tuple[np.ndarray, list[SliceResult]]:
         """Segment ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``, slices along the last axis) following ``plan``.
 
         Returns the boolean mask ``[A, B, K]`` and one :class:`SliceResult` per prompted slice, in slice order.
@@ -343,7 +355,9 @@ class PromptedSliceInferer:
                 row = (row_logits > 0).cpu().numpy()
                 mask[..., k] = row
                 s = seeds[k]
-                results[k] = SliceResult(k, s.box, list(s.points), list(s.labels), int(row.sum()), score=_score(row_logits, row))
+                results[k] = SliceResult(
+                    k, s.box, list(s.points), list(s.labels), int(row.sum()), score=_score(row_logits, row)
+                )
         # 2. propagation outwards from the seeds (also through gaps between seeds)
         if plan.propagate:
             lo, hi = plan.seed_range

@@ -149,7 +149,13 @@ def build_datalist(
     """The items to segment: one from ``input_image`` and the prompt ids, or a datalist (list or JSON file of
     ``{"image": path, "box": ..., "slice_box": ..., "slice_index": ..., "points": ..., "point_labels": ...,
     "modality": ...}``; relative image paths are relative to the JSON file)."""
-    prompts = {"box": box, "slice_box": slice_box, "slice_index": slice_index, "points": points, "point_labels": point_labels}
+    prompts = {
+        "box": box,
+        "slice_box": slice_box,
+        "slice_index": slice_index,
+        "points": points,
+        "point_labels": point_labels,
+    }
     if input_image is not None and datalist is not None:
         raise ValueError("give either input_image (with its prompts) or datalist, not both")
     if input_image is not None:
@@ -174,7 +180,9 @@ def build_datalist(
     for d in datalist:
         unknown = set(d) - {"image", "modality", "output_name", *PROMPT_KEYS}
         if unknown:
-            raise ValueError(f"datalist item {d.get('image')}: unknown keys {sorted(unknown)}; expected image, modality, {', '.join(PROMPT_KEYS)}")
+            raise ValueError(
+                f"datalist item {d.get('image')}: unknown keys {sorted(unknown)}; expected image, modality, {', '.join(PROMPT_KEYS)}"
+            )
         item = dict(d)
         if base and not os.path.isabs(item["image"]):
             item["image"] = os.path.join(base, item["image"])
@@ -242,7 +250,11 @@ class VolumeInferenceRunner:
             outputs.append(Path(os.path.abspath(path)))
         for item, out in zip(self.dataset, outputs):
             for src in inputs:
-                if out == src or (src.is_dir() and src in out.parents) or (src.exists() and out.exists() and os.path.samefile(out, src)):
+                if (
+                    out == src
+                    or (src.is_dir() and src in out.parents)
+                    or (src.exists() and out.exists() and os.path.samefile(out, src))
+                ):
                     raise ValueError(
                         f"{item['image']}: the output {out} would overwrite or write into the input {src}; "
                         "choose another output_dir or output_postfix"
@@ -273,7 +285,9 @@ class VolumeInferenceRunner:
         )
         from bundle.transforms.modality import resolve_modality
 
-        modality = resolve_modality(image.meta, self.modality, item.get("modality"), self.default_modality, source=path).value
+        modality = resolve_modality(
+            image.meta, self.modality, item.get("modality"), self.default_modality, source=path
+        ).value
         return image, plan, modality, display
 
     # ------------------------------------------------------------------------------------------------------------ run
@@ -300,8 +314,12 @@ class VolumeInferenceRunner:
         from bundle.transforms.intensity import ModalityNormalize
 
         # grey volumes stay one channel (replicated per slice batch) to bound memory; RGB(A) display images give 3
-        normalized = ModalityNormalize(modality=modality, out_channels=1 if image.shape[0] == 1 else 3)(image, source=item["image"])
-        normalized = np.asarray(normalized.detach().cpu().numpy() if isinstance(normalized, torch.Tensor) else normalized, dtype=np.float32)
+        normalized = ModalityNormalize(modality=modality, out_channels=1 if image.shape[0] == 1 else 3)(
+            image, source=item["image"]
+        )
+        normalized = np.asarray(
+            normalized.detach().cpu().numpy() if isinstance(normalized, torch.Tensor) else normalized, dtype=np.float32
+        )
         spatial = normalized.shape[1:]
         if len(spatial) == 2:
             volume = normalized[..., None]  # [C, A, B, 1]
@@ -328,8 +346,12 @@ class VolumeInferenceRunner:
             from .montage import write_montage
 
             montage_path = out.parent / f"{strip_extensions(out.name)}_montage.png"
-            result["montage"] = os.fspath(write_montage(volume, mask, slices, montage_path, transpose=self.inferer.transpose))
-        print(f"{result['image']}: mask written to {result['mask']} ({result['voxels']} voxels on {len(result['slices'])} slices)")
+            result["montage"] = os.fspath(
+                write_montage(volume, mask, slices, montage_path, transpose=self.inferer.transpose)
+            )
+        print(
+            f"{result['image']}: mask written to {result['mask']} ({result['voxels']} voxels on {len(result['slices'])} slices)"
+        )
         if "montage" in result:
             print(f"{result['image']}: montage written to {result['montage']}")
         return result

@@ -126,7 +126,9 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
     if point_labels is not None and points is None:
         raise ValueError(f"point_labels {point_labels!r} were given without points")
     if not (has_box or has_slice_box or has_points):
-        raise ValueError("no prompt given: give box [i0,j0,k0,i1,j1,k1], slice_box [i0,j0,i1,j1] with slice_index, or points with point_labels")
+        raise ValueError(
+            "no prompt given: give box [i0,j0,k0,i1,j1,k1], slice_box [i0,j0,i1,j1] with slice_index, or points with point_labels"
+        )
 
     def check_inside(label: str, index: list[int]) -> None:
         for d, v in enumerate(index):
@@ -149,7 +151,9 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
         lo, hi = b[:3], b[3:]
         for d in range(3):
             if lo[d] > hi[d]:
-                raise ValueError(f"box {b} is inverted along {names[d]}: {lo[d]} > {hi[d]} (expected [i0, j0, k0, i1, j1, k1], i0 <= i1 ...)")
+                raise ValueError(
+                    f"box {b} is inverted along {names[d]}: {lo[d]} > {hi[d]} (expected [i0, j0, k0, i1, j1, k1], i0 <= i1 ...)"
+                )
         check_inside("box corner", lo)
         check_inside("box corner", hi)
         plane_box = (lo[in_plane[0]], lo[in_plane[1]], hi[in_plane[0]], hi[in_plane[1]])
@@ -163,10 +167,14 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
             raise ValueError(f"slice_index must be an integer, got {slice_index!r}")
         k = int(slice_index)
         if not 0 <= k < shape[axis]:
-            raise ValueError(f"slice_index {k} lies outside the image: not in [0, {shape[axis] - 1}] along axis {axis} (shape {tuple(shape)})")
+            raise ValueError(
+                f"slice_index {k} lies outside the image: not in [0, {shape[axis] - 1}] along axis {axis} (shape {tuple(shape)})"
+            )
         for n in range(2):
             if sb[n] > sb[n + 2]:
-                raise ValueError(f"slice_box {sb} is inverted: {sb[n]} > {sb[n + 2]} (expected [i0, j0, i1, j1] with i0 <= i1, j0 <= j1)")
+                raise ValueError(
+                    f"slice_box {sb} is inverted: {sb[n]} > {sb[n + 2]} (expected [i0, j0, i1, j1] with i0 <= i1, j0 <= j1)"
+                )
             d = in_plane[n]
             for v in (sb[n], sb[n + 2]):
                 if not 0 <= v < shape[d]:
@@ -180,7 +188,9 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
         if not pts:
             raise ValueError("points is empty")
         if point_labels is None:
-            raise ValueError(f"points {pts} were given without point_labels (one label per point: 1 foreground, 0 background)")
+            raise ValueError(
+                f"points {pts} were given without point_labels (one label per point: 1 foreground, 0 background)"
+            )
         labels = _int_list("point_labels", point_labels)
         if len(labels) != len(pts):
             raise ValueError(f"{len(pts)} points but {len(labels)} point_labels; give one label per point")

@@ -40,7 +40,9 @@ def check_volume_file(path: str, what: str = "image", name: str | None = None) -
         raise UploadError(f"{what} {shown!r} is not a readable {', '.join(IMAGE_SUFFIXES)} file ({detail})") from None
     spatial = tuple(int(s) for s in image.shape[1:])
     if image.shape[0] != 1 or len(spatial) != 3:
-        raise UploadError(f"{what} {shown!r} has shape {tuple(image.shape)}; expected a single-channel 3D volume", status=422)
+        raise UploadError(
+            f"{what} {shown!r} has shape {tuple(image.shape)}; expected a single-channel 3D volume", status=422
+        )
     return spatial
 
 
@@ -63,7 +65,9 @@ class CheckedLocalDatastore(LocalDatastore):
         label_size = check_volume_file(label_filename, "label", name=f"{image_id} label{_suffix(label_filename)}")
         image_size = check_volume_file(self.get_image_uri(image_id), "image")
         if label_size != image_size:
-            raise UploadError(f"label for {image_id!r} has size {list(label_size)}; its image has {list(image_size)}", status=422)
+            raise UploadError(
+                f"label for {image_id!r} has size {list(label_size)}; its image has {list(image_size)}", status=422
+            )
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
 
@@ -71,5 +75,5 @@ def _suffix(path: str) -> str:
     lower = path.lower()
     for suffix in IMAGE_SUFFIXES:
         if lower.endswith(suffix):
-            return path[-len(suffix):]
+            return path[-len(suffix) :]
     return os.path.splitext(path)[1]

@@ -236,7 +236,12 @@ class SAMUNetInferTask(BasicInferTask):
                 self.model_version = f"{Path(source).name}:{file_digest(source)}"
             else:
                 self.model_version = str(source)
-            logger.info("SAM-UNet weights %s loaded in %.1f s (generation %d)", self.model_version, time.perf_counter() - start, self.generation)
+            logger.info(
+                "SAM-UNet weights %s loaded in %.1f s (generation %d)",
+                self.model_version,
+                time.perf_counter() - start,
+                self.generation,
+            )
             return inferer
 
     def clear_cache(self):
@@ -252,7 +257,9 @@ class SAMUNetInferTask(BasicInferTask):
         if self.allowed_roots and not any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots):
             raise RequestError(f"image path {path!r} is outside the datastore; give an image id", status=403)
         if not real.lower().endswith(VOLUME_SUFFIXES):
-            raise RequestError(f"image {os.path.basename(path)!r}: expected a volume file ({', '.join(VOLUME_SUFFIXES)})", status=415)
+            raise RequestError(
+                f"image {os.path.basename(path)!r}: expected a volume file ({', '.join(VOLUME_SUFFIXES)})", status=415
+            )
         return real
 
     def load_volume(self, path: str, modality: str | None):
@@ -274,7 +281,8 @@ class SAMUNetInferTask(BasicInferTask):
         spatial = tuple(image.shape[1:])
         if image.shape[0] != 1 or len(spatial) != 3:
             raise RequestError(
-                f"image {os.path.basename(path)!r} has shape {tuple(image.shape)}; expected a single-channel 3D volume", status=422
+                f"image {os.path.basename(path)!r} has shape {tuple(image.shape)}; expected a single-channel 3D volume",
+                status=422,
             )
         try:
             normalizer = ModalityNormalize(modality=requested, default_modality=self.default_modality, out_channels=1)
@@ -289,7 +297,9 @@ class SAMUNetInferTask(BasicInferTask):
             while len(self._geometry) > 64:
                 self._geometry.pop(next(iter(self._geometry)))
         except Exception as error:  # noqa: BLE001 - fall back to MONAI's writer below
-            logger.warning("%s: header not readable with ITK (%s); results are written with MONAI's writer", real, error)
+            logger.warning(
+                "%s: header not readable with ITK (%s); results are written with MONAI's writer", real, error
+            )
         self.volumes.put(key, image, volume)
         return image, volume, used, key
 
@@ -327,7 +337,7 @@ class SAMUNetInferTask(BasicInferTask):
                     mask |= part
                     slices += [r.index for r in results]
                 else:
-                    (k, prompt), = plan.seeds.items()
+                    ((k, prompt),) = plan.seeds.items()
                     mask[..., k] |= inferer.segment_slice(volume, k, prompt, image_id=image_id, axis=plan.axis)
                     slices.append(k)
             encoded = inferer.stats["encoded"] - encoded0
@@ -354,7 +364,12 @@ class SAMUNetInferTask(BasicInferTask):
             "slices": sorted(set(slices)),
             "voxels": int(mask.sum()),
             "encoded_slices": int(encoded),
-            "cache": {"hits": int(hits), "misses": int(misses), "entries": len(self.cache), "mib": round(self.cache.nbytes / 2**20, 1)},
+            "cache": {
+                "hits": int(hits),
+                "misses": int(misses),
+                "entries": len(self.cache),
+                "mib": round(self.cache.nbytes / 2**20, 1),
+            },
             "latencies": {
                 "pre": round(t_loaded - begin, 4),
                 "infer": round(t_infer - t_loaded, 4),
@@ -369,7 +384,12 @@ class SAMUNetInferTask(BasicInferTask):
         }
         logger.info(
             "SAM-UNet %s: %d voxels on slices %s; encoded %d slice(s), cache hits %d; %.3f s",
-            parsed.mode, result["voxels"], result["slices"], encoded, hits, t_written - begin,
+            parsed.mode,
+            result["voxels"],
+            result["slices"],
+            encoded,
+            hits,
+            t_written - begin,
         )
         return str(out), result
 

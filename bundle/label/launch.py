@@ -78,7 +78,16 @@ class LabelServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir), "--studies", str(self.studies)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(self.app_dir),
+            "--studies",
+            str(self.studies),
+        ]
         for key, value in self.conf.items():
             cmd += ["--conf", key, str(value)]
         if self.bind_host is not None:
@@ -91,7 +100,12 @@ class LabelServer:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            self.command(), cwd=str(self.workdir), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(),
+            cwd=str(self.workdir),
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:

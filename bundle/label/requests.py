@@ -79,8 +79,14 @@ def _boxes(value: Any) -> list[list[Any]]:
     if value is None or value == []:
         return []
     if not isinstance(value, (list, tuple)):
-        raise RequestError(f"roi must be [x0, x1, y0, y1, z0, z1] (3D Slicer's format) or a list of those, got {value!r}")
-    return [list(v) if isinstance(v, (list, tuple)) else v for v in value] if isinstance(value[0], (list, tuple)) else [list(value)]
+        raise RequestError(
+            f"roi must be [x0, x1, y0, y1, z0, z1] (3D Slicer's format) or a list of those, got {value!r}"
+        )
+    return (
+        [list(v) if isinstance(v, (list, tuple)) else v for v in value]
+        if isinstance(value[0], (list, tuple))
+        else [list(value)]
+    )
 
 
 def _check_inside(label: str, point: list[int], shape: tuple[int, ...]) -> None:
@@ -111,12 +117,18 @@ def parse_request(request: dict, shape: tuple[int, int, int], default_mode: str 
         _check_inside("foreground click" if label else "background click", p, shape)
 
     slice_index = request.get("slice")
-    if slice_index is not None and slice_index != "" and not (isinstance(slice_index, numbers.Real) and slice_index < 0):
+    if (
+        slice_index is not None
+        and slice_index != ""
+        and not (isinstance(slice_index, numbers.Real) and slice_index < 0)
+    ):
         if not is_whole_number(slice_index):
             raise RequestError(f"slice must be an integer slice index z, got {slice_index!r}")
         slice_index = int(slice_index)
         if not 0 <= slice_index < shape[AXIS]:
-            raise RequestError(f"slice {slice_index} lies outside the image: not in [0, {shape[AXIS] - 1}] (image size {list(shape)})")
+            raise RequestError(
+                f"slice {slice_index} lies outside the image: not in [0, {shape[AXIS] - 1}] (image size {list(shape)})"
+            )
     else:
         slice_index = None  # MONAI Label clients send -1 / None for "no slice"
 
@@ -150,7 +162,9 @@ def parse_request(request: dict, shape: tuple[int, int, int], default_mode: str 
         for p, label in clicks:
             owner = next((g for g in groups if all(g[0][d] <= p[d] <= g[0][d + 3] for d in range(3))), None)
             if owner is None:
-                raise RequestError(f"click {p} lies in none of the {len(boxes)} boxes; with several boxes each click must be inside one")
+                raise RequestError(
+                    f"click {p} lies in none of the {len(boxes)} boxes; with several boxes each click must be inside one"
+                )
             owner[1].append((p, label))
 
     if mode == "2d":
@@ -166,11 +180,15 @@ def parse_request(request: dict, shape: tuple[int, int, int], default_mode: str 
         for box, members in groups:
             if box is not None and not box[AXIS] <= slice_index <= box[AXIS + 3]:
                 if len(groups) == 1:
-                    raise RequestError(f"slice {slice_index} is outside the roi's z range [{box[AXIS]}, {box[AXIS + 3]}]")
+                    raise RequestError(
+                        f"slice {slice_index} is outside the roi's z range [{box[AXIS]}, {box[AXIS + 3]}]"
+                    )
                 continue
             on_slice = [(p, label) for p, label in members if p[AXIS] == slice_index]
             if box is None and not on_slice:
-                raise RequestError(f"no click on slice {slice_index}: in 2d mode the clicks must be on the segmented slice")
+                raise RequestError(
+                    f"no click on slice {slice_index}: in 2d mode the clicks must be on the segmented slice"
+                )
             plans.append(_plan(shape, box, on_slice, slice_only=slice_index))
     else:
         plans = [_plan(shape, box, members) for box, members in groups]

@@ -80,13 +80,17 @@ class SAMUNetApp(MONAILabelApp):
         self.conf_models = [m.strip() for m in str(conf.get("models", MODEL_NAME)).split(",") if m.strip()]
         unknown = [m for m in self.conf_models if m != MODEL_NAME]
         if unknown or not self.conf_models:
-            raise ValueError(f"--conf models {conf.get('models')!r}: unknown model(s) {unknown}; available: {MODEL_NAME}")
+            raise ValueError(
+                f"--conf models {conf.get('models')!r}: unknown model(s) {unknown}; available: {MODEL_NAME}"
+            )
         defaults = bundle_inference_settings()
         self.network = json.loads(conf["network"]) if conf.get("network") else defaults["network"]
         self.weights = conf.get("weights") or defaults["weights"]
         backbone = self.network.get("backbone", "vit_b")
-        self.pixel_normalization = conf.get("pixel_normalization") or defaults["pixel_normalization"] or (
-            "litemedsam" if backbone == "tiny_vit" else "sam"
+        self.pixel_normalization = (
+            conf.get("pixel_normalization")
+            or defaults["pixel_normalization"]
+            or ("litemedsam" if backbone == "tiny_vit" else "sam")
         )
         self.model_dir = Path(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.model_dir.mkdir(parents=True, exist_ok=True)

@@ -162,7 +162,9 @@ class SAMUNetTrainTask(TrainTask):
         data_dir = run_dir / "data"
         modality = request.get("modality") or self.default_modality
         cases = [Case(image=d["image"], label=d["label"], case=f"case{n:04d}") for n, d in enumerate(pairs)]
-        report = convert_to_sa_med2d(cases, data_dir, "MONAILabel", fractions=(1.0, 0.0, 0.0), modality=modality, progress=False)
+        report = convert_to_sa_med2d(
+            cases, data_dir, "MONAILabel", fractions=(1.0, 0.0, 0.0), modality=modality, progress=False
+        )
         logger.info("training data: %s", report.summary())
         if report.images == 0:
             raise ValueError(f"the saved labels gave no training slice ({report.summary()})")

@@ -1,4 +1,4 @@
-"""CPU inference setting that keeps a network's results bit for bit (measured in docs/benchmarks.md, issue 6).
+"""CPU inference setting that keeps a network's results bit for bit (measured in docs/benchmarks.md).
 
 :func:`tune_malloc`: glibc's malloc hands every buffer above its mmap threshold (at most 32 MiB) back to the
   kernel when it is freed, so each of TinyViT's 64 MiB activation maps (256 channels at 256 x 256) comes back as

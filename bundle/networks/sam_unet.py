@@ -57,8 +57,13 @@ class SAMUNet(nn.Module):
         self.image_size = image_size
         self.backbone = backbone
         # the architecture arguments (weights excluded), recorded in exported models and compared when loading them
-        self.config = {"backbone": backbone, "image_size": image_size, "conv_branch": conv_branch, "fusion": bool(fusion),
-                       "decoder_tokens": decoder_tokens}
+        self.config = {
+            "backbone": backbone,
+            "image_size": image_size,
+            "conv_branch": conv_branch,
+            "fusion": bool(fusion),
+            "decoder_tokens": decoder_tokens,
+        }
         self.image_encoder = build_backbone(backbone, image_size)
         self.image_encoder.requires_grad_(False)
         embedding_size = self.image_encoder.embedding_size
@@ -106,7 +111,10 @@ class SAMUNet(nn.Module):
         last_layers = []
         if self.mask_decoder.fusion:
             last_layers += [self.mask_decoder.embedding_maskfeature[-1], self.embedding_encoder[-1]]
-            last_layers += [adapter.reshaper[-1] if isinstance(adapter, Reshaper) else adapter[-1] for adapter in self.adapters_bridge]
+            last_layers += [
+                adapter.reshaper[-1] if isinstance(adapter, Reshaper) else adapter[-1]
+                for adapter in self.adapters_bridge
+            ]
         if self.conv_branch is not None:
             last_layers += [adapter.reshaper[-1] for adapter in self.adapters_in]
         for layer in last_layers:
@@ -207,7 +215,9 @@ class SAMUNet(nn.Module):
 
     def _check_prompts(self, batch, boxes, points, point_labels, mask_inputs, image_index):
         device = self.prompt_encoder.no_mask_embed.weight.device
-        return check_prompts(self.image_size, self.mask_input_size, device, batch, boxes, points, point_labels, mask_inputs, image_index)
+        return check_prompts(
+            self.image_size, self.mask_input_size, device, batch, boxes, points, point_labels, mask_inputs, image_index
+        )
 
 
 def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
@@ -230,7 +240,9 @@ def check_prompts(size, mask_input_size, device, batch, boxes, points, point_lab
         if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
             raise ValueError(f"boxes must have x0 <= x1 and y0 <= y1 (XYXY), got {boxes.tolist()}")
         if (boxes < 0).any() or (boxes > size - 1).any():
-            raise ValueError(f"boxes must lie inside the {size}x{size} network frame [0, {size - 1}], got {boxes.tolist()}")
+            raise ValueError(
+                f"boxes must lie inside the {size}x{size} network frame [0, {size - 1}], got {boxes.tolist()}"
+            )
         counts["boxes"] = boxes.shape[0]
     if points is not None:
         points = torch.as_tensor(points, dtype=torch.float32, device=device)
@@ -242,7 +254,9 @@ def check_prompts(size, mask_input_size, device, batch, boxes, points, point_lab
                 f"point_labels must be [N, P] matching points {tuple(points.shape[:2])}, got {tuple(point_labels.shape)}"
             )
         if not torch.isin(point_labels, torch.tensor([-1, 0, 1], device=device)).all():
-            raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {point_labels.tolist()}")
+            raise ValueError(
+                f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {point_labels.tolist()}"
+            )
         valid = point_labels != -1
         if ((points < 0) | (points > size - 1)).any(dim=-1)[valid].any():
             raise ValueError(f"points must lie inside the {size}x{size} network frame [0, {size - 1}]")
@@ -250,7 +264,9 @@ def check_prompts(size, mask_input_size, device, batch, boxes, points, point_lab
     if mask_inputs is not None:
         expected = (1, mask_input_size, mask_input_size)
         if mask_inputs.ndim != 4 or tuple(mask_inputs.shape[1:]) != expected:
-            raise ValueError(f"mask_inputs must be [N, {', '.join(map(str, expected))}] low-res logits, got {tuple(mask_inputs.shape)}")
+            raise ValueError(
+                f"mask_inputs must be [N, {', '.join(map(str, expected))}] low-res logits, got {tuple(mask_inputs.shape)}"
+            )
         counts["mask_inputs"] = mask_inputs.shape[0]
     if len(set(counts.values())) > 1:
         raise ValueError(f"prompt batch sizes differ: {counts}")

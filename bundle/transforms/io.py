@@ -56,7 +56,9 @@ class LoadMedicalImage(Transform):
             img = loader(paths[0] if len(paths) == 1 else paths)
         except Exception as err:  # readers raise RuntimeError, OSError, ITK errors ...
             detail = (str(err).strip().splitlines() or [""])[0]
-            problem = "corrupt file or unsupported format" if len(paths) == 1 else "a file is unreadable or sizes differ"
+            problem = (
+                "corrupt file or unsupported format" if len(paths) == 1 else "a file is unreadable or sizes differ"
+            )
             raise ValueError(f"{name}: cannot be read as an image: {problem} ({type(err).__name__}: {detail})") from err
         spatial = img.ndim - 1
         if spatial not in (2, 3):

@@ -26,7 +26,11 @@ class NetworkInputd(Compose):
     """
 
     def __init__(
-        self, keys: KeysCollection, pixel_normalization: str = "sam", size: int = NETWORK_SIZE, label_mode: str = "nearest-exact"
+        self,
+        keys: KeysCollection,
+        pixel_normalization: str = "sam",
+        size: int = NETWORK_SIZE,
+        label_mode: str = "nearest-exact",
     ) -> None:
         image_key, *label_keys = ensure_tuple(keys)
         frame = ToNetworkFramed([image_key, *label_keys], size=size, mode=["bilinear"] + [label_mode] * len(label_keys))

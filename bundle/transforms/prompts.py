@@ -193,7 +193,12 @@ class RandBoxPromptd(Randomizable, Transform):
     """
 
     def __init__(
-        self, label_key: str = "label", box_key: str = "box", jitter: int = 5, mode: str = "sam_unet", largest: bool = True
+        self,
+        label_key: str = "label",
+        box_key: str = "box",
+        jitter: int = 5,
+        mode: str = "sam_unet",
+        largest: bool = True,
     ) -> None:
         if mode not in BOX_MODES:
             raise ValueError(f"box mode {mode!r}: expected one of {BOX_MODES}")

@@ -1,6 +1,6 @@
 """Recreate the cropped test fixtures from the pyradiomics test data (see README.md here).
 
-    python tests/data/make_crops.py /path/to/shared/data
+python tests/data/make_crops.py /path/to/shared/data
 """
 
 import os
