@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     from evaluate_zero_shot import load_tumour_slices
 
-    slices = load_tumour_slices(args.data_dir)
+    slices = load_tumour_slices(args.data_dir, SAMUNet(weights="litemedsam"))
     record = {
         "command": "python scripts/benchmark_encoders.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(),

@@ -47,13 +47,10 @@ sys.path.insert(0, str(REPO))
 # lung1 tumour (ITK index i 206-229, j 347-372, k 32-34) with a 5-voxel in-plane margin
 DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "lung1_image.nrrd"
 DEFAULT_BOX = [201, 342, 32, 234, 377, 34]
-NETWORKS = {  # --backbone -> SAMUNet arguments and pixel normalisation
-    "tiny_vit": (dict(backbone="tiny_vit", conv_branch="none", fusion=False, decoder_tokens="sam"), "litemedsam"),
-    "tiny_vit_unet": (
-        dict(backbone="tiny_vit", conv_branch="resnet34", fusion=True, decoder_tokens="sam"),
-        "litemedsam",
-    ),
-    "vit_b": (dict(backbone="vit_b", conv_branch="resnet34", fusion=True, decoder_tokens="med"), "sam"),
+NETWORKS = {  # --backbone -> SAMUNet arguments (the pixel normalisation follows from them and the weights)
+    "tiny_vit": dict(backbone="tiny_vit", conv_branch="none", fusion=False, decoder_tokens="sam"),
+    "tiny_vit_unet": dict(backbone="tiny_vit", conv_branch="resnet34", fusion=True, decoder_tokens="sam"),
+    "vit_b": dict(backbone="vit_b", conv_branch="resnet34", fusion=True, decoder_tokens="med"),
 }
 
 
@@ -81,13 +78,11 @@ def build_runtime(name: str, network, workdir: Path):
     return runtime, time.perf_counter() - t0
 
 
-def run_volume(runtime, normalization: str, args, device, out: Path):
+def run_volume(runtime, args, device, out: Path):
     """One volume inference with a fresh cache: (seconds, result, inferer stats)."""
     from bundle.inferers import EmbeddingCache, PromptedSliceInferer, VolumeInferenceRunner
 
-    inferer = PromptedSliceInferer(
-        runtime, normalization, batch_size=args.batch_size, cache=EmbeddingCache(), device=device
-    )
+    inferer = PromptedSliceInferer(runtime, batch_size=args.batch_size, cache=EmbeddingCache(), device=device)
     runner = VolumeInferenceRunner(
         inferer,
         [{"image": args.image, "box": json.loads(args.box)}],
@@ -104,13 +99,12 @@ def run_volume(runtime, normalization: str, args, device, out: Path):
 
 def time_clicks(inferer, args, device) -> list[float]:
     """Latency of ``args.clicks`` extra clicks on the middle slice of the box (decoder only, cached embedding)."""
-    import numpy as np
 
-    from bundle.inferers import SlicePrompt, load_image
-    from bundle.transforms.intensity import ModalityNormalize
+    from bundle.inferers import SlicePrompt, normalized_volume, to_slices
+    from bundle.io import load_image
 
     box = json.loads(args.box)
-    volume = np.asarray(ModalityNormalize(modality=args.modality, out_channels=1)(load_image(args.image)))[0]
+    volume = to_slices(normalized_volume(load_image(args.image), args.modality), axis=2)
     k = (box[2] + box[5]) // 2
     image_id = (os.path.abspath(args.image), args.modality)  # the runner's cache key
     click = SlicePrompt(
@@ -133,10 +127,10 @@ def volume_mode(args, device) -> dict:
     import numpy as np
     import torch
 
-    from bundle.inferers import load_image
+    from bundle.io import load_image
     from bundle.networks import SAMUNet
 
-    kwargs, normalization = NETWORKS[args.backbone]
+    kwargs = NETWORKS[args.backbone]
     t0 = time.perf_counter()
     network = SAMUNet(**kwargs, weights=args.weights or None).eval()
     build_s = time.perf_counter() - t0
@@ -145,12 +139,10 @@ def volume_mode(args, device) -> dict:
         workdir = Path(workdir)
         for name in args.runtimes:
             runtime, setup_s = build_runtime(name, network, workdir)
-            first_s, _, _ = run_volume(runtime, normalization, args, device, workdir / f"{name}_warmup")
+            first_s, _, _ = run_volume(runtime, args, device, workdir / f"{name}_warmup")
             times = []
             for repeat in range(args.repeats):
-                seconds, result, inferer = run_volume(
-                    runtime, normalization, args, device, workdir / f"{name}_{repeat}"
-                )
+                seconds, result, inferer = run_volume(runtime, args, device, workdir / f"{name}_{repeat}")
                 times.append(seconds)
             clicks = time_clicks(inferer, args, device)
             mask = np.asarray(nib.load(result["mask"]).dataobj) > 0
@@ -203,7 +195,7 @@ def throughput_mode(args, device) -> dict:
 
     from bundle.networks import SAMUNet
 
-    kwargs, _ = NETWORKS[args.backbone]
+    kwargs = NETWORKS[args.backbone]
     network = SAMUNet(**kwargs, image_size=args.image_size, weights=args.weights or None).eval().to(device)
     network = network.to(memory_format=torch.channels_last)
     rows = []

@@ -1,17 +1,17 @@
-"""Convert an external checkpoint into the bundle's own ``{"model": state_dict}`` format.
+"""Convert an external checkpoint into the bundle's own ``{"model": state_dict, "network": contract}`` format.
 
     python scripts/convert_checkpoint.py SOURCE OUT.pt [--format auto|sam|sam_unet_reference|torchvision_resnet]
         [--backbone vit_b] [--conv-branch resnet34] [--no-fusion] [--trust-pickle]
 
 The source is mapped onto a SAMUNet of the given configuration, with missing and dropped keys listed by name, and
-saved with only tensors, so later loads work with ``weights_only=True``. Reference SAM-UNet checkpoints also pickle
+saved with only tensors and its model contract (the configuration, the pixel normalisation and a weights
+fingerprint), so later loads work with ``weights_only=True`` and build the right network with no overrides. Reference SAM-UNet checkpoints also pickle
 their optimizer; reading those executes pickled code, so it needs ``--trust-pickle`` and a file you trust.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bundle.io import atomic_write  # noqa: E402
 from bundle.networks import SAMUNet  # noqa: E402
+from bundle.networks.contract import CONTRACT_KEY  # noqa: E402
 from bundle.networks.weights import FORMATS, convert_state_dict, read_state_dict  # noqa: E402
 
 
@@ -61,10 +63,8 @@ def main(argv=None) -> int:
         return 2
     net.load_state_dict(mapped, strict=False)
     print(report.summary())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.output.with_name(args.output.name + ".partial")
-    torch.save({"model": net.state_dict()}, partial)
-    os.replace(partial, args.output)
+    with atomic_write(args.output) as tmp:
+        torch.save({"model": net.state_dict(), CONTRACT_KEY: net.contract()}, tmp)
     print(f"wrote {args.output}")
     return 0
 

@@ -57,16 +57,16 @@ class TumourSlice:
     frame_hw: tuple[int, int]  # the image's size inside the 256 frame
 
 
-def load_tumour_slices(data_dir: Path, cases: dict[str, str] = CASES, size: int = 256) -> list[TumourSlice]:
-    """Every slice with tumour of every case, preprocessed as LiteMedSAM's pipeline (see the module docstring)."""
+def load_tumour_slices(data_dir: Path, network, cases: dict[str, str] = CASES) -> list[TumourSlice]:
+    """Every slice with tumour of every case, as ``network``'s input (its own ``preprocess``: LiteMedSAM's pipeline
+    for LiteMedSAM weights, see the module docstring)."""
     from monai.transforms import LoadImage
     from monai.utils import convert_to_tensor
 
-    from bundle.transforms import ModalityNormalize, ToNetworkFrame, box_from_mask, frame_shape, scale_box_to_frame
-    from bundle.transforms.lite import LiteMedSAMScale
+    from bundle.transforms import ModalityNormalize, box_from_mask, frame_shape, scale_box_to_frame
 
     load = LoadImage(image_only=True, ensure_channel_first=True)
-    to_frame, scale = ToNetworkFrame(size), LiteMedSAMScale(size)
+    size = network.image_size
     slices = []
     for case, modality in cases.items():
         image_path, label_path = data_dir / f"{case}_image.nrrd", data_dir / f"{case}_label.nrrd"
@@ -84,7 +84,7 @@ def load_tumour_slices(data_dir: Path, cases: dict[str, str] = CASES, size: int 
             mask = label[:, :, z].T
             image2d = volume[..., z].transpose(-1, -2)
             original_hw = tuple(mask.shape)
-            framed = scale(to_frame(image2d), original_hw)
+            framed = network.preprocess(torch.as_tensor(image2d)[None])[0]
             box = box_from_mask(mask, largest=False, name=f"{case} slice {z}").astype(np.float64)
             slices.append(
                 TumourSlice(
@@ -145,12 +145,7 @@ def build_network(config: Path, weights: str | None, device: torch.device):
     if weights is not None:
         parser["weights"] = weights
     network = parser.get_parsed_content("network_def", instantiate=True)
-    description = {
-        k: parser[f"network_def::{k}"]
-        for k in ("backbone", "conv_branch", "fusion", "decoder_tokens")
-        if f"network_def::{k}" in parser
-    }
-    description["weights"] = parser.get_parsed_content("weights")
+    description = {**network.config, "weights": parser.get_parsed_content("weights")}
     return network.to(device).eval(), description
 
 
@@ -361,7 +356,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network, description = build_network(args.network, args.weights, device)
     start = time.perf_counter()
-    slices = load_tumour_slices(args.data_dir)
+    slices = load_tumour_slices(args.data_dir, network)
     features = encode_all(network, slices, device)
     rows = evaluate(network, slices, features, args.jitter_seeds, device)
     elapsed = time.perf_counter() - start

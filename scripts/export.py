@@ -3,16 +3,17 @@
 decoder), for ONNX Runtime (``configs/inference_onnx.json``) or other runtimes.
 
     python scripts/export.py                                   # the default network (LiteMedSAM) -> models/
-    python scripts/export.py --checkpoint models/model.pt --config configs/train.json    # a trained SAM-UNet-Lite
+    python scripts/export.py --checkpoint models/model.pt      # a trained model (its checkpoint names its network)
     python scripts/export.py --checkpoint sam_unet.pt --network_def#backbone vit_b ...   # any config id override
 
-The network is ``network_def`` of ``--config`` (config ids can be overridden as with ``monai.bundle``:
-``--id value``); its weights come from ``--checkpoint`` (default: the config's ``weights``) and must match it
-exactly: a checkpoint with missing, unexpected or differently shaped parameters stops the export with the keys named,
-and no file is written. Before the files are put in place, they are run in ONNX Runtime on real slices of
+The network is the one the checkpoint's model contract names, with any argument ``network_def`` of ``--config`` sets
+(config ids can be overridden as with ``monai.bundle``: ``--id value``); its weights come from ``--checkpoint``
+(default: the config's ``weights``) and must match it exactly: a checkpoint with missing, unexpected or differently
+shaped parameters stops the export with the keys named, and no file is written. Before the files are put in place, they are run in ONNX Runtime on real slices of
 ``--check-image`` (default: the lung CT crop in tests/data) and compared with PyTorch; a logit difference above
 ``--atol`` (1e-3) also writes nothing. Both files carry the bundle's name and version, the network configuration,
-the pixel normalisation and a shared weights fingerprint as ONNX metadata.
+its model contract (with the pixel normalisation the weights expect) and a shared weights fingerprint as ONNX
+metadata.
 
 For TorchScript use MONAI's own command (the bundle's ``export_network`` id)::
 
@@ -51,20 +52,17 @@ def parse_overrides(extra: list[str]) -> dict[str, object]:
     return overrides
 
 
-def check_slices(path: Path, modality: str, pixel_normalization: str, size: int, count: int = 2) -> torch.Tensor:
-    """``count`` real slices (the middle ones along the last axis) of ``path`` as network input ``[count, 3, S, S]``."""
-    from bundle.inferers import load_image
-    from bundle.transforms import ModalityNormalize, NetworkInputd
+def check_slices(path: Path, modality: str, network, count: int = 2) -> torch.Tensor:
+    """``count`` real slices (the middle ones along the last axis) of ``path`` as ``network``'s input
+    ``[count, 3, S, S]``, scaled by its own ``preprocess``."""
+    from bundle.inferers import normalized_volume, to_slices
+    from bundle.io import load_image
 
-    volume = ModalityNormalize(modality=modality)(load_image(str(path)))
+    volume = to_slices(normalized_volume(load_image(str(path)), modality), axis=2)  # [A, B, K] in [0, 255]
     depth = volume.shape[-1]
     indices = sorted({min(depth - 1, max(0, depth // 2 + d)) for d in range(-(count // 2), count - count // 2)})
-    to_network = NetworkInputd("image", pixel_normalization=pixel_normalization, size=size)
-    images = []
-    for k in indices:
-        plane = torch.as_tensor(np.asarray(volume[0, :, :, k])).T  # rows = second array axis, as the volume inferer
-        images.append(torch.as_tensor(to_network({"image": plane[None].expand(3, -1, -1).float()})["image"]))
-    return torch.stack(images).float()
+    slices = torch.as_tensor(np.stack([volume[..., k] for k in indices]))[:, None]
+    return network.preprocess(slices)
 
 
 def main(argv=None) -> int:
@@ -86,24 +84,26 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from monai.bundle import ConfigParser
+    from bundle.config import bundle_parser
+    from bundle.export import export_onnx
+    from bundle.networks import SAMUNet
 
-    from bundle.export import export_onnx, load_for_export
-
-    config = ConfigParser()
-    config.read_config(args.config)
-    config["bundle_root"] = str(ROOT)
-    overrides = parse_overrides(extra)
-    checkpoint = args.checkpoint or overrides.pop("weights", None) or config.get("weights")
-    config["weights"] = ""  # the network is built empty; the checkpoint is loaded strictly below
-    for key, value in overrides.items():
-        config[key] = value
+    config = bundle_parser(args.config, ROOT, parse_overrides(extra))
+    checkpoint = args.checkpoint or config.get_parsed_content("weights")
     if not checkpoint:
         raise SystemExit("no checkpoint: give --checkpoint PATH (the config names no weights)")
-    pixel_normalization = config.get_parsed_content("pixel_normalization")
-    network = config.get_parsed_content("network_def", instantiate=True)
+    config["weights"] = checkpoint
+    # the configured network_def's arguments; those it leaves out come from the checkpoint's model contract
+    component = config.get_parsed_content("network_def", instantiate=False).get_config()
+    arguments = {k: v for k, v in component.items() if not k.startswith("_")}
     try:
-        load_for_export(network, checkpoint)
+        network = SAMUNet(**arguments).eval()
+        if network.load_report.missing:
+            raise ValueError(
+                f"{checkpoint} lacks {len(network.load_report.missing)} parameters of the network to export "
+                f"({network.config}), e.g. {network.load_report.missing[:6]}: export a trained checkpoint with "
+                "the config it was trained with"
+            )
     except (ValueError, FileNotFoundError) as error:
         print(f"export stopped, nothing written: {error}", file=sys.stderr)
         return 2
@@ -112,11 +112,10 @@ def main(argv=None) -> int:
     metadata = {
         "bundle_name": bundle_meta.get("name", "SAM-UNet"),
         "bundle_version": bundle_meta.get("version", ""),
-        "pixel_normalization": pixel_normalization,
         "checkpoint": Path(str(checkpoint)).name,
         "exported": datetime.date.today().isoformat(),
     }
-    image = check_slices(args.check_image, args.check_modality, pixel_normalization, network.image_size)
+    image = check_slices(args.check_image, args.check_modality, network)
     try:
         written = export_onnx(network, args.output_dir, metadata, verify_image=image, atol=args.atol)
     except RuntimeError as error:

@@ -10,20 +10,20 @@ import torch
 from monai.losses import DiceFocalLoss, DiceLoss
 from torchvision.ops import sigmoid_focal_loss
 
+from bundle.data import cached_dataset, check_files
 from bundle.engines import (
     AtomicCheckpointSaver,
     PromptModeMetric,
     SAMUNetEvaluator,
     SAMUNetTrainer,
-    check_files,
     corrective_clicks,
     initial_prompts,
     parse_mode,
     summarise,
     valid_region,
 )
-from bundle.engines.data import RandSelectMasksd, cached_dataset
 from bundle.networks import SAMUNet
+from bundle.transforms import RandSampleMasksd
 
 SIZE = 128
 
@@ -263,7 +263,7 @@ def test_check_files_names_the_missing_file(tmp_path):
 
 
 def test_rand_select_masks_and_cache_choice(tmp_path):
-    t = RandSelectMasksd("label", k=3)
+    t = RandSampleMasksd("label", k=3)
     t.set_random_state(0)
     out = t({"label": torch.arange(2)[:, None, None].expand(2, 4, 4).float()})
     assert out["label"].shape == (3, 4, 4)

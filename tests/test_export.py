@@ -246,20 +246,28 @@ def test_ckpt_export_torchscript_is_exact_and_refuses_a_mismatch(tmp_path):
     assert not (tmp_path / "wrong.ts").exists()
 
 
+def _export(*args: str):
+    command = [PYTHON, "scripts/export.py", *args]
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
 def test_export_script_refuses_a_mismatched_checkpoint(tmp_path):
+    """A checkpoint the configured network cannot take (train.json's SAM-UNet-Lite vs a vit_tiny file), and a
+    model contract that contradicts an explicit override, both stop the export before anything is written."""
     wrong = SAMUNet("vit_tiny", 128, "none", False, "med", None)
     torch.save({"model": wrong.state_dict()}, tmp_path / "wrong.pt")
+    torch.save({"model": wrong.state_dict(), "network": wrong.contract()}, tmp_path / "contract.pt")
     out = tmp_path / "models"
-    done = subprocess.run(
-        [PYTHON, "scripts/export.py", "--checkpoint", str(tmp_path / "wrong.pt"), "--output-dir", str(out)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = _export(
+        "--config", "configs/train.json", "--checkpoint", str(tmp_path / "wrong.pt"), "--output-dir", str(out)
     )
     assert done.returncode == 2
-    assert "export stopped, nothing written" in done.stderr and "backbone=tiny_vit" in done.stderr
+    assert "export stopped, nothing written" in done.stderr and "unexpected keys" in done.stderr
+    done = _export(
+        "--checkpoint", str(tmp_path / "contract.pt"), "--output-dir", str(out), "--network_def#backbone", "tiny_vit"
+    )
+    assert done.returncode == 2
+    assert "backbone: checkpoint 'vit_tiny', config 'tiny_vit'" in done.stderr
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -288,7 +296,7 @@ def test_exported_litemedsam_equals_pytorch_on_real_slices(lite_onnx, test_data_
     runtime = OnnxSAMUNet(lite_onnx / "encoder.onnx", lite_onnx / "decoder.onnx")
     assert runtime.pixel_normalization == "litemedsam"
     for case, modality in (("lung1_crop", "ct"), ("breast1_crop", "mr")):
-        image = check_slices(test_data_dir / f"{case}_image.nrrd", modality, "litemedsam", 256, count=4)
+        image = check_slices(test_data_dir / f"{case}_image.nrrd", modality, net, count=4)
         boxes = torch.tensor([[60.0, 70.0, 190.0, 200.0]]).expand(image.shape[0], -1)
         with torch.no_grad():
             expected = net(image, boxes=boxes)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from constructed import BrightObjectNet
 
 from bundle.inferers import EmbeddingCache, PromptedSliceInferer, SliceFrame, SlicePrompt, plan_prompts
-from bundle.inferers.testing import BrightObjectNet
 
 SHAPE = (70, 110, 20)  # non-square slices catch axis swaps
 CENTRE = np.array([30, 60, 10])
@@ -109,7 +109,7 @@ def test_slice_frame_round_trip(transpose):
     frame = SliceFrame((70, 110), 256, transpose=transpose)
     image = torch.zeros(1, 3, 70, 110)
     image[..., 20:30, 50:60] = 1
-    framed = frame.resize_and_pad(frame.to_image(image))
+    framed = BrightObjectNet().preprocess(frame.to_image(image) * 255)
     assert framed.shape == (1, 3, 256, 256)
     xyxy = frame.box_to_network((20, 50, 29, 59))
     ys, xs = np.nonzero(framed[0, 0].numpy() > 0.5)
@@ -128,7 +128,7 @@ def sphere():
 @pytest.mark.parametrize("transpose", [False, True])
 def test_box3d_lands_inside_box_and_other_slices_empty(sphere, transpose):
     volume, truth = sphere
-    inferer = PromptedSliceInferer(BrightObjectNet(), "litemedsam", batch_size=4, transpose_slices=transpose)
+    inferer = PromptedSliceInferer(BrightObjectNet(), batch_size=4, transpose_slices=transpose)
     box = [15, 45, 6, 45, 75, 14]
     mask, results = inferer.segment_volume(volume, plan_prompts(SHAPE, box=box))
     inside = np.zeros(SHAPE, bool)
@@ -141,7 +141,7 @@ def test_box3d_lands_inside_box_and_other_slices_empty(sphere, transpose):
 
 def test_slice_box_propagates_and_stops_at_object_end(sphere):
     volume, truth = sphere
-    inferer = PromptedSliceInferer(BrightObjectNet(), "litemedsam", batch_size=3)
+    inferer = PromptedSliceInferer(BrightObjectNet(), batch_size=3)
     mask, results = inferer.segment_volume(volume, plan_prompts(SHAPE, slice_box=[17, 47, 43, 73], slice_index=10))
     np.testing.assert_array_equal(mask, truth)
     lo, hi = slices_of(truth)[0], slices_of(truth)[-1]
@@ -153,7 +153,7 @@ def test_slice_box_propagates_and_stops_at_object_end(sphere):
 
 def test_clicks_prompt_their_slice_and_propagate(sphere):
     volume, truth = sphere
-    inferer = PromptedSliceInferer(BrightObjectNet(), "litemedsam")
+    inferer = PromptedSliceInferer(BrightObjectNet())
     plan = plan_prompts(SHAPE, points=[[30, 60, 10], [5, 5, 10]], point_labels=[1, 0])
     mask, results = inferer.segment_volume(volume, plan)
     np.testing.assert_array_equal(mask, truth)
@@ -164,7 +164,7 @@ def test_clicks_prompt_their_slice_and_propagate(sphere):
 def test_embedding_reused_for_extra_clicks(sphere):
     volume, truth = sphere
     net = BrightObjectNet()
-    inferer = PromptedSliceInferer(net, "litemedsam")
+    inferer = PromptedSliceInferer(net)
     inferer.segment_volume(volume, plan_prompts(SHAPE, box=[15, 45, 8, 45, 75, 12]), image_id="case")
     encoded = net.encoded_images
     mask = inferer.segment_slice(volume, 10, SlicePrompt(points=[(30, 60)], labels=[1]), image_id="case", axis=2)
@@ -176,7 +176,7 @@ def test_embedding_reused_for_extra_clicks(sphere):
 
 def test_seeds_on_two_slices_fill_the_gap(sphere):
     volume, truth = sphere
-    inferer = PromptedSliceInferer(BrightObjectNet(), "litemedsam", batch_size=2)
+    inferer = PromptedSliceInferer(BrightObjectNet(), batch_size=2)
     plan = plan_prompts(SHAPE, points=[[30, 60, 7], [30, 60, 13]], point_labels=[1, 1])
     mask, _ = inferer.segment_volume(volume, plan)
     np.testing.assert_array_equal(mask, truth)
@@ -191,7 +191,7 @@ class OOMOnLargeBatch(BrightObjectNet):
 
 def test_out_of_memory_retries_with_smaller_batch(sphere):
     volume, truth = sphere
-    inferer = PromptedSliceInferer(OOMOnLargeBatch(), "litemedsam", batch_size=8)
+    inferer = PromptedSliceInferer(OOMOnLargeBatch(), batch_size=8)
     mask, _ = inferer.segment_volume(volume, plan_prompts(SHAPE, box=[15, 45, 4, 45, 75, 16]))
     assert inferer.batch_size == 2
     np.testing.assert_array_equal(mask, truth & (np.arange(SHAPE[2]) >= 4) & (np.arange(SHAPE[2]) <= 16))
@@ -202,7 +202,7 @@ def test_out_of_memory_at_batch_one_is_raised(sphere):
         def encode(self, image):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    inferer = PromptedSliceInferer(AlwaysOOM(), "litemedsam", batch_size=2)
+    inferer = PromptedSliceInferer(AlwaysOOM(), batch_size=2)
     with pytest.raises(RuntimeError, match="out of memory"):
         inferer.segment_volume(sphere[0], plan_prompts(SHAPE, box=[15, 45, 4, 45, 75, 6]))
 
@@ -212,7 +212,7 @@ def test_other_runtime_errors_are_not_swallowed(sphere):
         def encode(self, image):
             raise RuntimeError("shape mismatch")
 
-    inferer = PromptedSliceInferer(Broken(), "litemedsam", batch_size=4)
+    inferer = PromptedSliceInferer(Broken(), batch_size=4)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         inferer.segment_volume(sphere[0], plan_prompts(SHAPE, box=[15, 45, 4, 45, 75, 6]))
     assert inferer.batch_size == 4
@@ -225,7 +225,7 @@ def test_real_samunet_configuration_runs_batched(sphere):
     torch.manual_seed(0)
     net = SAMUNet("vit_tiny", conv_branch="resnet18")
     cache = EmbeddingCache()
-    inferer = PromptedSliceInferer(net, "sam", batch_size=2, cache=cache)
+    inferer = PromptedSliceInferer(net, batch_size=2, cache=cache)
     mask, results = inferer.segment_volume(sphere[0][..., :6], plan_prompts((70, 110, 6), box=[15, 45, 1, 45, 75, 4]))
     assert mask.shape == (70, 110, 6) and mask.dtype == bool and len(results) == 4
     assert not mask[..., [0, 5]].any()
@@ -235,8 +235,19 @@ def test_real_samunet_configuration_runs_batched(sphere):
     assert out.shape == (1, 1, 256, 256)
 
 
+def test_rejects_intensities_outside_0_255(sphere):
+    """The inferer takes ModalityNormalize's [0, 255]; a [0, 1] volume (the MONAI Label server once sent one, which
+    made propagation stop on its seed slice) or a raw one is refused, naming the range."""
+    volume, _ = sphere
+    inferer = PromptedSliceInferer(BrightObjectNet())
+    plan = plan_prompts(volume.shape, slice_box=[15, 45, 45, 75], slice_index=10)
+    with pytest.raises(ValueError, match=r"looks like a \[0, 1\] image.*multiply by 255"):
+        inferer.segment_volume(volume / 255.0, plan)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 255\].*got \[-980, -800\]"):
+        inferer.segment_volume(volume - 1000.0, plan)
+    assert inferer.segment_volume(volume, plan)[0].any()
+
+
 def test_rejects_bad_settings():
-    with pytest.raises(ValueError, match="pixel_normalization"):
-        PromptedSliceInferer(BrightObjectNet(), "imagenet")
     with pytest.raises(ValueError, match="batch_size"):
         PromptedSliceInferer(BrightObjectNet(), batch_size=0)

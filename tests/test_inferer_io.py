@@ -11,9 +11,9 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
+from constructed import BrightObjectNet
 
 from bundle.inferers import PromptedSliceInferer, VolumeInferenceRunner
-from bundle.inferers.testing import BrightObjectNet
 
 SHAPE = (40, 56, 12)  # array [i, j, k] as MONAI LoadImage returns it
 CENTRE = (18, 30, 6)
@@ -27,7 +27,7 @@ def sphere_hu(shape=SHAPE, centre=CENTRE, radius=8.0):
 
 
 def runner(items, out, **kwargs):
-    inferer = PromptedSliceInferer(BrightObjectNet(), "litemedsam", batch_size=4)
+    inferer = PromptedSliceInferer(BrightObjectNet(), batch_size=4)
     kwargs.setdefault("modality", "ct")
     return VolumeInferenceRunner(inferer, items, str(out), **kwargs)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.inferers import EmbeddingCache, PromptedSliceInferer, load_image, plan_prompts
+from bundle.inferers import EmbeddingCache, PromptedSliceInferer, plan_prompts
+from bundle.io import load_image
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_lung_tumour_slice_box_propagation_stops_at_tumour_end(litemedsam, test_
     assert tumour_slices == [2, 3, 4]
     i, j = np.nonzero(label[..., 3])
     box = [int(i.min()) - 2, int(j.min()) - 2, int(i.max()) + 2, int(j.max()) + 2]
-    inferer = PromptedSliceInferer(litemedsam, "litemedsam", batch_size=4, cache=EmbeddingCache())
+    inferer = PromptedSliceInferer(litemedsam, batch_size=4, cache=EmbeddingCache())
     mask, results = inferer.segment_volume(volume, plan_prompts(volume.shape, slice_box=box, slice_index=3))
     by_slice = {r.index: r for r in results}
     print({r.index: (r.area, r.contrast, r.score, r.stopped) for r in results})
@@ -57,7 +58,7 @@ def test_lung_tumour_3d_box_lands_inside_box(litemedsam, test_data_dir):
     label = np.asarray(load_image(str(test_data_dir / "lung1_crop_label.nrrd")))[0] > 0
     i, j, k = np.nonzero(label)
     box = [int(i.min()) - 3, int(j.min()) - 3, int(k.min()), int(i.max()) + 3, int(j.max()) + 3, int(k.max())]
-    inferer = PromptedSliceInferer(litemedsam, "litemedsam", batch_size=4)
+    inferer = PromptedSliceInferer(litemedsam, batch_size=4)
     mask, _ = inferer.segment_volume(volume, plan_prompts(volume.shape, box=box))
     inside = np.zeros_like(mask)
     inside[box[0] : box[3] + 1, box[1] : box[4] + 1, box[2] : box[5] + 1] = True
@@ -75,7 +76,7 @@ def test_bright_sphere_with_pretrained_default(litemedsam):
     hu = np.where(sphere, 200.0, -100.0) + rng.normal(0, 10, shape)
     volume = np.clip((hu + 160) / 400 * 255, 0, 255).astype(np.float32)  # the soft-tissue CT window
     box = [12, 22, 3, 48, 58, 9]
-    inferer = PromptedSliceInferer(litemedsam, "litemedsam", batch_size=4)
+    inferer = PromptedSliceInferer(litemedsam, batch_size=4)
     mask, _ = inferer.segment_volume(volume, plan_prompts(shape, box=box))
     inside = np.zeros(shape, bool)
     inside[12:49, 22:59, 3:10] = True

@@ -7,6 +7,8 @@ One server (LiteMedSAM default weights) serves the whole module; the tests run i
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,7 +25,7 @@ requests = pytest.importorskip("requests")
 from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
-from bundle.label.launch import LabelServer  # noqa: E402
+from bundle.label.launch import REPO_ROOT, LabelServer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -133,6 +135,35 @@ def test_3d_mode_segments_every_slice_of_the_box(client, image_id, test_data_dir
     assert in_roi(mask) and set(np.nonzero(mask)[2]) == {2, 3, 4}
 
 
+def cli_mask(image: Path, modality: str, slice_box, slice_index: int, out: Path) -> np.ndarray:
+    """The same prompt through ``python -m monai.bundle run --config_file configs/inference.json``."""
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    command += ["--input_image", str(image), "--modality", modality, "--output_dir", str(out)]
+    command += ["--slice_box", json.dumps(slice_box), "--slice_index", str(slice_index)]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return mask_xyz(next(out.glob("*_seg.nii.gz")))
+
+
+def one_slice_roi(label: np.ndarray, margin: int = 2) -> tuple[list[int], int]:
+    """Slicer's roi ``[x0, x1, y0, y1, z, z]`` around the label on its largest slice, and that slice."""
+    k = int(np.argmax(label.sum(axis=(0, 1))))
+    i, j = np.nonzero(label[..., k])
+    return [int(i.min()) - margin, int(i.max()) + margin, int(j.min()) - margin, int(j.max()) + margin, k, k], k
+
+
+def test_3d_one_slice_box_propagates_as_the_cli_does(client, image_id, test_data_dir, tmp_path):
+    """mode 3d with a box on one slice propagates through the volume, and the server's mask is the CLI's (one
+    network, one inferer, one normalisation: the server once handed the inferer [0, 1] volumes and stopped)."""
+    roi = [34, 61, 33, 62, SLICE, SLICE]
+    path, result = client.infer("sam_unet", image_id, {"roi": roi, "mode": "3d"})
+    served = mask_xyz(path)
+    assert len(result["slices"]) > 1 and len(set(np.nonzero(served)[2].tolist())) > 1
+    expected = cli_mask(test_data_dir / "lung1_crop_image.nrrd", "ct", [34, 33, 61, 62], SLICE, tmp_path)
+    assert np.array_equal(served, expected)
+
+
 @pytest.mark.parametrize(
     "image, params, status, message",
     [
@@ -210,6 +241,18 @@ def test_inference_never_modifies_the_datastore(server, client, image_id):
     time.sleep(1.0)
     assert datastore_digest(server.studies) == before
     assert not client.datastore()["objects"][IMAGE_ID]["labels"]
+
+
+def test_3d_one_slice_box_on_a_full_real_scan_matches_the_cli(client, shared_data_dir, tmp_path):
+    """brain1 (MR, 5 mm slices, the whole scan): the tumour's largest slice boxed, mode 3d."""
+    label = mask_xyz(shared_data_dir / "brain1_label.nrrd")
+    roi, k = one_slice_roi(label)
+    client.upload_image(str(shared_data_dir / "brain1_image.nrrd"), "brain1")
+    path, result = client.infer("sam_unet", "brain1", {"roi": roi, "mode": "3d", "modality": "mr"})
+    served = mask_xyz(path)
+    assert len(set(np.nonzero(served)[2].tolist())) > 1, result
+    expected = cli_mask(shared_data_dir / "brain1_image.nrrd", "mr", [roi[0], roi[2], roi[1], roi[3]], k, tmp_path)
+    assert np.array_equal(served, expected)
 
 
 def test_training_from_saved_labels_publishes_weights_the_next_inference_uses(server, client, image_id, test_data_dir):

@@ -1,4 +1,5 @@
-"""NetworkInputd: the pixel normalisation each set of weights expects, the frame, exact masks, and inversion."""
+"""NetworkInputd: a network's input made as its weights expect (the scheme the network names), the frame, exact
+masks, and inversion."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import pytest
 import torch
 from monai.transforms import Invertd
 
+from bundle.networks import PromptableNetworkMixin
 from bundle.transforms import NetworkInputd
 from bundle.transforms.intensity import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+
+class Network(PromptableNetworkMixin):
+    """Only what NetworkInputd asks of a network: its scheme and input size."""
+
+    def __init__(self, scheme: str, image_size: int = 256) -> None:
+        self.pixel_normalization, self.image_size = scheme, image_size
 
 
 @pytest.fixture
@@ -21,7 +30,7 @@ def item():
 
 
 def test_sam_normalisation_then_zero_padding(item):
-    out = NetworkInputd(["image", "label"], pixel_normalization="sam")(dict(item))
+    out = NetworkInputd(["image", "label"], Network("sam"))(dict(item))
     image = out["image"]
     assert image.shape == (3, 256, 256)
     # 45x120 -> 96x256: rows 96.. are padding, zero after normalising (as SAM pads)
@@ -31,14 +40,14 @@ def test_sam_normalisation_then_zero_padding(item):
 
 
 def test_litemedsam_scaling_to_unit_range(item):
-    out = NetworkInputd(["image", "label"], pixel_normalization="litemedsam")(dict(item))
+    out = NetworkInputd(["image", "label"], Network("litemedsam"))(dict(item))
     region = out["image"][:, :96]
     assert region.min().item() == pytest.approx(0.0) and region.max().item() == pytest.approx(1.0)
     assert torch.all(out["image"][:, 96:] == 0)
 
 
 def test_mask_round_trip_is_exact(item):
-    transform = NetworkInputd(["image", "label"], pixel_normalization="litemedsam")
+    transform = NetworkInputd(["image", "label"], Network("litemedsam"))
     out = transform(dict(item))
     assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0}
     back = Invertd(keys="label", transform=transform, orig_keys="label", nearest_interp=False)(out)
@@ -48,4 +57,4 @@ def test_mask_round_trip_is_exact(item):
 
 def test_unknown_normalisation_is_named():
     with pytest.raises(ValueError, match="'imagenet'"):
-        NetworkInputd(["image"], pixel_normalization="imagenet")
+        NetworkInputd(["image"], Network("imagenet"))

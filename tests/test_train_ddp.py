@@ -57,4 +57,4 @@ def test_torchrun_two_ranks_end_identical(tmp_path_factory, tmp_path):
     # 8 images, 2 ranks, batch 2: 2 iterations per rank; the validation ran on both ranks and rank 0 kept model.pt
     assert log.count("train_loss:") == 2
     saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert set(saved) == {"model"}
+    assert set(saved) == {"model", "network"} and saved["network"]["architecture"]["backbone"] == "vit_tiny"

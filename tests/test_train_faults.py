@@ -86,7 +86,8 @@ def test_killed_run_resumes_to_the_same_iteration_count(tmp_path_factory, tmp_pa
     final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True, map_location="cpu")
     assert final["trainer"]["iteration"] == EPOCHS * PER_EPOCH
     assert final["trainer"]["max_epochs"] == EPOCHS and final["trainer"]["epoch_length"] == PER_EPOCH
-    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(final) == {"model", "network", "optimizer", "lr_scheduler", "trainer"}  # the model contract too
+    assert final["network"]["architecture"]["backbone"] == "vit_tiny" and final["network"]["fingerprint"]
     log = resumed.stdout + resumed.stderr
     assert "Restored all variables from" in log and "checkpoint_last.pt" in log, log[-3000:]
     # only the remaining iterations ran after the resume, starting inside the interrupted epoch

@@ -29,7 +29,7 @@ def test_training_lowers_loss_and_raises_heldout_dice(tmp_path_factory, tmp_path
         val_batch_size=8,
         masks_per_image=1,
         num_workers=0,
-        learning_rate=1e-3,
+        learning_rate=3e-4,  # 1e-3 diverged (loss 18.3 -> 20.0) on the current package set, before and after the change
         lr_milestones=[100],
         prompt_probs={"box": 1.0},
         interactive_iterations=1,

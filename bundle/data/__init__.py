@@ -1,6 +1,9 @@
-"""Datalists: SA-Med2D-16M JSON files, 3D volume -> 2D slices, case-level splits, the SA-Med2D converter."""
+"""Datalists: SA-Med2D-16M JSON files, 3D volume -> 2D slices, case-level splits, the SA-Med2D converter, file
+checks and the cached datasets the configs build."""
 
+from .checks import check_files
 from .convert import Case, ConversionReport, case_name, convert_to_sa_med2d
+from .datasets import CACHE_CHOICES, cached_dataset
 from .sa_med2d import (
     ALL_IMAGES_JSON,
     IMAGES_DIR,
@@ -16,6 +19,7 @@ from .sa_med2d import (
     read_label2image,
     sa_med2d_prefix,
 )
+from .slices import load_volume_datalist, volume_slice_datalist
 from .splits import SPLITS, split_cases, split_datalist
 from .volumes import (
     AXES,
@@ -30,6 +34,11 @@ from .volumes import (
 )
 
 __all__ = [
+    "CACHE_CHOICES",
+    "cached_dataset",
+    "check_files",
+    "load_volume_datalist",
+    "volume_slice_datalist",
     "Case",
     "ConversionReport",
     "case_name",

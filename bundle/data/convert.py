@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..io import LoadMedicalImage, strip_extensions
 from ..transforms.intensity import ModalityNormalize
-from ..transforms.io import LoadMedicalImage
 from ..transforms.modality import parse_modality, resolve_modality
 from .sa_med2d import (
     ALL_IMAGES_JSON,
@@ -49,8 +49,6 @@ from .volumes import AXES, MIN_COMPONENT_FRACTION, iter_labelled_slices, load_la
 __all__ = ["Case", "ConversionReport", "case_name", "convert_to_sa_med2d", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
-
-_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
 @dataclass
@@ -86,11 +84,7 @@ class ConversionReport:
 
 def case_name(image_path: str | os.PathLike) -> str:
     """Case id from an image path: the file name without its volume suffix, or a DICOM folder's name."""
-    name = os.path.basename(os.path.normpath(os.fspath(image_path)))
-    for suffix in _VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return strip_extensions(os.path.normpath(os.fspath(image_path)))
 
 
 def _prepare_output(output_dir: str) -> str:

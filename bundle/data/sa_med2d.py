@@ -24,6 +24,7 @@ from ..transforms.modality import (
     modality_from_prefix,
     parse_modality,
 )
+from .checks import check_files as check_datalist_files
 
 __all__ = [
     "IMAGES_DIR",
@@ -181,12 +182,6 @@ def _item(image: str, json_path: str, default_modality: str | None) -> dict:
     return {"image": image, "modality": modality.value, "case": case}
 
 
-def _check_exists(paths: list[str], json_path: str) -> None:
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"{json_path}: {len(missing)} listed file(s) missing, first {missing[0]}")
-
-
 def read_image2label(
     json_path: str | os.PathLike,
     root: str | os.PathLike | None = None,
@@ -213,9 +208,7 @@ def read_image2label(
         labels = [_resolve(base, m) for m in masks]
         item["label"] = labels if state is None else sample_masks(labels, masks_per_image, state)
         items.append(item)
-    if check_files:
-        _check_exists([i["image"] for i in items] + [m for i in items for m in i["label"]], json_path)
-    return items
+    return check_datalist_files(items, ("image", "label"), what=json_path) if check_files else items
 
 
 def read_label2image(
@@ -240,6 +233,4 @@ def read_label2image(
         except ValueError:
             item["class_id"] = None
         items.append(item)
-    if check_files:
-        _check_exists([i["image"] for i in items] + [i["label"] for i in items], json_path)
-    return items
+    return check_datalist_files(items, ("image", "label"), what=json_path) if check_files else items

@@ -17,8 +17,8 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
+from ..io import LoadMedicalImage
 from ..transforms.checks import describe, require_finite
-from ..transforms.io import LoadMedicalImage
 
 __all__ = [
     "AXES",

@@ -1,9 +1,8 @@
 """Training and evaluation engines with simulated prompts (box, points, SAM-Med2D corrective clicks)."""
 
-from . import data  # noqa: F401  (configs use bundle.engines.data.*)
 from .evaluator import DEFAULT_MODES, PromptModeMetric, SAMUNetEvaluator, parse_mode
-from .handlers import AtomicCheckpointSaver, PromptEvaluationReport, check_files, summarise
-from .interactive import InteractiveDecoding, unwrap
+from .handlers import AtomicCheckpointSaver, ProgressBar, PromptEvaluationReport, summarise
+from .interactive import InteractiveDecoding
 from .prompts import corrective_clicks, initial_prompts, valid_region
 from .trainer import SAMUNetTrainer, flatten_masks
 
@@ -13,11 +12,10 @@ __all__ = [
     "SAMUNetEvaluator",
     "parse_mode",
     "AtomicCheckpointSaver",
+    "ProgressBar",
     "PromptEvaluationReport",
-    "check_files",
     "summarise",
     "InteractiveDecoding",
-    "unwrap",
     "corrective_clicks",
     "initial_prompts",
     "valid_region",

@@ -17,9 +17,10 @@ from monai.engines.utils import IterationEvents
 from monai.metrics import compute_dice, compute_surface_dice
 from monai.utils.enums import CommonKeys as Keys
 
+from bundle.networks.interface import unwrap
 from bundle.transforms import frame_shape
 
-from .interactive import InteractiveDecoding, unwrap
+from .interactive import InteractiveDecoding
 from .prompts import initial_prompts
 from .trainer import flatten_masks
 

@@ -7,9 +7,8 @@ import heapq
 import json
 import logging
 import math
-import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +16,22 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
+from ignite.handlers import ProgressBar as IgniteProgressBar
 from monai.handlers import CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "PromptEvaluationReport", "check_files", "summarise"]
+from bundle.io import atomic_write
+from bundle.networks.contract import CONTRACT_KEY
+
+__all__ = ["AtomicCheckpointSaver", "ProgressBar", "PromptEvaluationReport", "summarise"]
 
 logger = logging.getLogger(__name__)
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
 
 class _AtomicDiskSaver(DiskSaver):
-    """ignite DiskSaver with ``atomic=True`` (write a temp file in the same folder, then ``os.replace``) and an
-    optional fixed file name. A fixed name is overwritten in place by the rename, so ``remove`` is a no-op for it:
-    there is never a moment without a complete checkpoint on disk."""
+    """ignite's DiskSaver writing through :func:`bundle.io.atomic_write` (the bundle's one temp-and-rename writer,
+    whose hidden temporary names a later run can recognise) with an optional fixed file name. A fixed name is
+    overwritten in place by the rename, so ``remove`` is a no-op for it: there is never a moment without a complete
+    checkpoint on disk."""
 
     def __init__(self, dirname: str, filename: str | None = None, wrap_key: str | None = None):
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
@@ -39,25 +40,62 @@ class _AtomicDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         if self.wrap_key is not None:
-            # ignite stores a lone object's state_dict bare; the bundle's files are always {"model": state_dict}
+            # ignite stores a lone object's state_dict bare; the bundle's files are always {"model": state_dict, ...}
             checkpoint = {self.wrap_key: checkpoint}
         super().__call__(checkpoint=checkpoint, filename=self.filename or filename, metadata=metadata)
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            func(checkpoint, f, **self.kwargs)
 
     def remove(self, filename: str) -> None:
         if self.filename is None:
             super().remove(filename)
 
 
+class ProgressBar(IgniteProgressBar):
+    """ignite's tqdm ``ProgressBar`` configured entirely by its constructor, as bundle configs give handler arguments.
+
+    ignite takes ``output_transform`` (what the bar shows, e.g. the loss) in ``attach``, while MONAI engines call
+    ``handler.attach(engine)`` with no arguments; this keeps it from the constructor and passes it on (tqdm would
+    reject it as a keyword of its own).
+    """
+
+    def __init__(
+        self, output_transform: Callable | None = None, metric_names=None, persist: bool = False, **tqdm_kwargs
+    ):
+        super().__init__(persist=persist, **tqdm_kwargs)
+        self.output_transform = output_transform
+        self.metric_names = metric_names
+
+    def attach(self, engine: Engine, metric_names=None, output_transform: Callable | None = None, **kwargs) -> None:
+        super().attach(
+            engine,
+            metric_names=metric_names or self.metric_names,
+            output_transform=output_transform or self.output_transform,
+            **kwargs,
+        )
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's CheckpointSaver with atomic writes (MONAI's own saver uses ``atomic=False``, so a kill during
-    ``torch.save`` leaves a truncated file) and a fixed file name for interval checkpoints (``interval_filename``,
-    e.g. ``checkpoint_last.pt``, what a resumed run loads). Saves on rank 0 only under torch.distributed (ignite).
+    ``torch.save`` leaves a truncated file), the model contract, and a fixed file name for interval checkpoints
+    (``interval_filename``, e.g. ``checkpoint_last.pt``, what a resumed run loads). Saves on rank 0 only under
+    torch.distributed (ignite).
 
-    A ``save_dict`` with one entry is written as ``{key: state_dict}`` (ignite would write the bare state dict), so
-    ``models/model.pt`` is ``{"model": state_dict}`` as MONAI bundles and MONAI FL expect.
+    When ``save_dict`` holds a ``model`` with a model contract (a SAMUNet), its contract is saved beside it under
+    ``network`` (:class:`bundle.networks.ContractEntry`), so ``models/model.pt`` is ``{"model": state_dict,
+    "network": contract}`` and every entry point can build the network it belongs to. A ``save_dict`` with one
+    entry otherwise is written as ``{key: state_dict}`` (ignite would write the bare state dict).
     """
 
     def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs) -> None:
+        from bundle.networks import ContractEntry, unwrap
+
+        save_dict = dict(save_dict)
+        model = save_dict.get("model")
+        if model is not None and hasattr(unwrap(model), "contract") and CONTRACT_KEY not in save_dict:
+            save_dict[CONTRACT_KEY] = ContractEntry(model)
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         wrap = next(iter(save_dict)) if len(save_dict) == 1 else None
@@ -69,37 +107,6 @@ class AtomicCheckpointSaver(CheckpointSaver):
             )
         if self._interval_checkpoint is not None:
             self._interval_checkpoint.save_handler = _AtomicDiskSaver(save_dir, interval_filename, wrap)
-
-
-# ------------------------------------------------------------------------------------------------------ datalist check
-def check_files(
-    datalist,
-    keys: Sequence[str] = ("image", "label"),
-    base_dir: str | os.PathLike | None = None,
-    what: str = "datalist",
-):
-    """Return ``datalist`` unchanged after checking that every path under ``keys`` exists.
-
-    Items are dicts; a key may hold one path or a list of paths (several masks per image). Relative paths are taken
-    against ``base_dir``. Raises FileNotFoundError naming the first missing file(s) and their item, so a bad datalist
-    fails when the config is parsed, before any training iteration.
-    """
-    missing = []
-    for index, item in enumerate(datalist):
-        if not isinstance(item, dict):
-            continue
-        for key in keys:
-            values = item.get(key)
-            for value in [values] if isinstance(values, (str, os.PathLike)) else list(values or []):
-                if not isinstance(value, (str, os.PathLike)):
-                    continue
-                path = Path(value) if base_dir is None or os.path.isabs(value) else Path(base_dir) / value
-                if not path.exists():
-                    missing.append(f"{path} (item {index}, key {key!r})")
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise FileNotFoundError(f"{what}: {len(missing)} missing file(s): " + "; ".join(missing[:5]) + more)
-    return datalist
 
 
 # ------------------------------------------------------------------------------------------------------------ report
@@ -187,12 +194,8 @@ class PromptEvaluationReport:
                 self._counter += 1
                 if len(heap) >= self.worst_k and entry_key <= heap[0][:2]:
                     continue
-                grey = (
-                    image[img].float().cpu() * torch.tensor(SAM_PIXEL_STD)[:, None, None]
-                    + torch.tensor(SAM_PIXEL_MEAN)[:, None, None]
-                )
                 arrays = (
-                    grey.mean(0).clamp(0, 255).numpy().astype(np.uint8),
+                    _display_grey(image[img]),
                     masks[mask_i, 0].cpu().numpy() > 0.5,
                     pred[row_i, 0].cpu().numpy() > 0.5,
                     dict(row),
@@ -278,23 +281,28 @@ class PromptEvaluationReport:
         ax.set_title("Dice by modality and prompt mode")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
 
 
+def _display_grey(image: torch.Tensor) -> np.ndarray:
+    """A network input ``[3, S, S]`` (any pixel normalisation) as a uint8 grey picture (min-max of its channel mean)."""
+    grey = image.detach().float().cpu().mean(0)
+    low, high = float(grey.min()), float(grey.max())
+    return ((grey - low) / max(high - low, 1e-8) * 255).clamp(0, 255).numpy().astype(np.uint8)
+
+
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _overlay(grey: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str, path: Path) -> None:
@@ -312,5 +320,6 @@ def _overlay(grey: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str, pat
     ax.set_title(title, fontsize=7)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -7,18 +7,7 @@ import torch.nn as nn
 
 from .prompts import corrective_clicks
 
-__all__ = ["InteractiveDecoding", "unwrap"]
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The SAMUNet inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            network = network.module
-        elif hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        else:
-            return network
+__all__ = ["InteractiveDecoding"]
 
 
 class InteractiveDecoding(nn.Module):

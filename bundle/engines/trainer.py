@@ -14,7 +14,9 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from .interactive import InteractiveDecoding, unwrap
+from bundle.networks.interface import unwrap
+
+from .interactive import InteractiveDecoding
 from .prompts import initial_prompts, valid_region
 
 __all__ = ["SAMUNetTrainer", "flatten_masks"]

@@ -1,13 +1,18 @@
-"""Load a checkpoint for export: every parameter of the configured network must come from the file."""
+"""Load a checkpoint for export: the network its model contract names, every parameter from the file."""
 
 from __future__ import annotations
 
 import os
 
-import torch
-
 from bundle.networks import SAMUNet
-from bundle.networks.weights import convert_state_dict, read_state_dict, resolve_weights
+from bundle.networks.contract import (
+    CONTRACT_KEY,
+    contract_arguments,
+    contradictions,
+    describe_architecture,
+    network_arguments,
+)
+from bundle.networks.weights import WeightsFile, detect_format, load_state, read_weights
 
 
 def describe(network: SAMUNet) -> str:
@@ -15,42 +20,57 @@ def describe(network: SAMUNet) -> str:
     return ", ".join(f"{k}={v}" for k, v in network.config.items())
 
 
+HINT = "export the checkpoint with the config it was trained with (or override network_def to match it)"
+
+
 def load_for_export(network: SAMUNet, checkpoint: str | os.PathLike | dict, source: str | None = None) -> SAMUNet:
-    """Load ``checkpoint`` (a file, a named weight such as ``"litemedsam"``, or a state dict) into ``network``.
+    """Load ``checkpoint`` (a file, a named weight such as ``"litemedsam"``, or a loaded checkpoint dict) into
+    ``network``.
 
     Unlike training, where a partly loaded network is normal (a fresh conv branch), an exported model must be the
-    trained one: a checkpoint with any parameter missing, unexpected or of another shape raises ``ValueError``
-    naming the configuration and the keys, before anything is exported. Returns ``network`` in eval mode.
+    trained one: a checkpoint with any parameter missing, unexpected or of another shape, or whose model contract
+    names another network, raises ``ValueError`` naming the configuration and the keys, before anything is
+    exported. Returns ``network`` in eval mode.
     """
-    if isinstance(checkpoint, dict):
-        state = checkpoint.get("model", checkpoint) if isinstance(checkpoint.get("model"), dict) else checkpoint
-        source = source or "the checkpoint"
-    else:
-        path = resolve_weights(checkpoint)
-        state = read_state_dict(path)
-        source = source or str(path)
-    hint = "export the checkpoint with the config it was trained with (or override network_def to match it)"
+    weights = _as_weights(checkpoint, source)
     try:
-        mapped, report = convert_state_dict(network, state, "auto")
+        report = load_state(network, weights)
     except ValueError as error:
         raise ValueError(
-            f"{source} does not match the network to export ({describe(network)}): {error}; {hint}"
+            f"{weights.name} does not match the network to export ({describe(network)}): {error}; {HINT}"
         ) from None
     if report.missing:
         raise ValueError(
-            f"{source} does not match the network to export ({describe(network)}): it lacks {len(report.missing)} of "
-            f"its parameters, e.g. {report.missing[:6]}; {hint}"
+            f"{weights.name} does not match the network to export ({describe(network)}): it "
+            f"lacks {len(report.missing)} of its parameters, e.g. {report.missing[:6]}; {HINT}"
         )
-    network.load_state_dict(mapped, strict=True)
     return network.eval()
 
 
-def state_fingerprint(network: torch.nn.Module) -> str:
-    """A short hash of the network's weights: encoder and decoder files exported together carry the same one."""
-    import hashlib
+def network_for(network: SAMUNet, checkpoint: dict) -> SAMUNet:
+    """``network``, or the network a loaded checkpoint's model contract names when ``network`` was configured
+    without those arguments (e.g. ``configs/inference.json``'s default). Raises ValueError naming both sides when
+    an explicitly configured argument contradicts the contract."""
+    contract = checkpoint.get(CONTRACT_KEY) if isinstance(checkpoint.get("model"), dict) else None
+    if contract is None:
+        return network
+    wrong = contradictions(contract, network.explicit_args)
+    if wrong:
+        raise ValueError(
+            f"the checkpoint holds a {describe_architecture(contract['architecture'])} network, but the config asks "
+            f"for another: {'; '.join(wrong)}; {HINT}"
+        )
+    recorded = contract_arguments(contract)
+    return network if recorded == network_arguments(network) else SAMUNet(**recorded)
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(network.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+
+def _as_weights(checkpoint: str | os.PathLike | dict, source: str | None) -> WeightsFile:
+    if not isinstance(checkpoint, dict):
+        return read_weights(checkpoint)
+    from bundle.networks.contract import check_contract
+
+    nested = isinstance(checkpoint.get("model"), dict)
+    state = checkpoint["model"] if nested else checkpoint
+    name = source or "the checkpoint"
+    contract = check_contract(checkpoint[CONTRACT_KEY], name) if nested and CONTRACT_KEY in checkpoint else None
+    return WeightsFile(name, state, contract, "bundle" if contract else detect_format(state), name)

@@ -14,11 +14,12 @@ import torch.nn as nn
 from monai.data import MetaTensor
 
 from bundle.networks import SAMUNet
+from bundle.networks.interface import PromptableNetworkMixin
 
 from .modules import ImageEncoderExport
 
 
-class CompiledEncoderSAMUNet(nn.Module):
+class CompiledEncoderSAMUNet(PromptableNetworkMixin, nn.Module):
     """``network`` with ``encode`` served by ``encoder`` (a compiled :class:`ImageEncoderExport` of it)."""
 
     def __init__(self, network: SAMUNet, encoder: nn.Module) -> None:
@@ -29,6 +30,7 @@ class CompiledEncoderSAMUNet(nn.Module):
         self.image_size = network.image_size
         self.mask_input_size = network.mask_input_size
         self.config = network.config
+        self.pixel_normalization = network.pixel_normalization
 
     def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         # a plain tensor: compilers do not trace through MONAI MetaTensor's __torch_function__
@@ -37,15 +39,6 @@ class CompiledEncoderSAMUNet(nn.Module):
 
     def decode_low_res(self, features, **prompts) -> torch.Tensor:
         return self.network.decode_low_res(features, **prompts)
-
-    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
-        return self.network.upsample_logits(low_res)
-
-    def decode(self, features, **prompts) -> torch.Tensor:
-        return self.upsample_logits(self.decode_low_res(features, **prompts))
-
-    def forward(self, image: torch.Tensor, **prompts) -> torch.Tensor:
-        return self.decode(self.encode(image), **prompts)
 
 
 def torch_compile_encoder(network: SAMUNet, **compile_kwargs: Any) -> CompiledEncoderSAMUNet:

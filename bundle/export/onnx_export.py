@@ -5,8 +5,8 @@ fusion path). ``decoder.onnx``: the encoder outputs (one row per prompt) + ``poi
 ``point_labels [B, P]``, ``mask_input [B, 1, 4e, 4e]``, ``has_mask_input [1]`` -> ``low_res_logits [B, 1, 4e, 4e]``.
 Batch and number of points are dynamic. Prompt conventions: :mod:`bundle.export.modules`.
 
-Each file carries ``metadata_props``: the bundle's name and version, the network configuration (JSON), the pixel
-normalisation it expects, the image and mask sizes, the input / output names and a weights fingerprint shared by the
+Each file carries ``metadata_props``: the bundle's name and version, the network configuration and its model
+contract (JSON, with the pixel normalisation its weights expect), the image and mask sizes, the input / output names and a weights fingerprint shared by the
 pair, so :class:`bundle.export.OnnxSAMUNet` refuses an encoder and a decoder from different exports.
 
 The legacy TorchScript-based exporter is used: it reproduces the network within float rounding (``tests/
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from bundle.networks import SAMUNet
+from bundle.networks.contract import make_contract, weights_fingerprint
 
-from .checkpoint import state_fingerprint
 from .modules import DECODER_PROMPT_INPUTS, ImageEncoderExport, PromptDecoderExport, feature_names, pack_prompts
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def _metadata(network: SAMUNet, part: str, inputs, outputs, fingerprint: str, ex
         "inputs": json.dumps(list(inputs)),
         "outputs": json.dumps(list(outputs)),
         "weights_fingerprint": fingerprint,
+        "network_contract": json.dumps(make_contract(network)),
         "torch_version": torch.__version__,
     }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
@@ -101,7 +102,7 @@ def export_onnx(
 ) -> dict[str, Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` of ``network`` (weights loaded, eval) into ``output_dir``.
 
-    ``metadata``: extra key -> value pairs for both files (e.g. the bundle's name, version, pixel normalisation).
+    ``metadata``: extra key -> value pairs for both files (e.g. the bundle's name and version).
     Before the files are put in place, both are run in ONNX Runtime on ``verify_image`` (``[B, 3, S, S]``, default
     random) and compared with PyTorch; a logit difference above ``atol`` raises ``RuntimeError`` and nothing is
     written. Files are written to a temporary folder and moved in, so a failed export never leaves half a pair.
@@ -110,7 +111,7 @@ def export_onnx(
     network = network.eval()
     device = next(network.parameters()).device
     names = feature_names(network)
-    fingerprint = state_fingerprint(network)
+    fingerprint = weights_fingerprint(network.state_dict())
     encoder, decoder = ImageEncoderExport(network), PromptDecoderExport(network)
     batch = {0: "batch"}
     image = verify_image if verify_image is not None else torch.rand(2, 3, network.image_size, network.image_size)

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bundle.networks.sam_unet import check_prompts, upsample_logits
+from bundle.networks.interface import PromptableNetworkMixin
+from bundle.networks.sam_unet import check_prompts
 
 from .modules import DECODER_PROMPT_INPUTS, pack_prompts
 
 
-class OnnxSAMUNet(nn.Module):
+class OnnxSAMUNet(PromptableNetworkMixin, nn.Module):
     """``encoder.onnx`` + ``decoder.onnx`` in ONNX Runtime sessions.
 
     Args:
@@ -65,7 +66,8 @@ class OnnxSAMUNet(nn.Module):
         self.image_size = int(meta["image_size"])
         self.mask_input_size = int(meta["mask_input_size"])
         self.feature_names = tuple(json.loads(meta["feature_names"]))
-        self.pixel_normalization = meta.get("pixel_normalization", "sam")
+        contract = json.loads(meta["network_contract"]) if "network_contract" in meta else {}
+        self.pixel_normalization = contract.get("pixel_normalization", meta.get("pixel_normalization", "sam"))
         self.source = f"{encoder}, {decoder}"
 
     # ----------------------------------------------------------------------------------------------------- raw sessions
@@ -110,26 +112,6 @@ class OnnxSAMUNet(nn.Module):
             rows, coords.numpy(), labels.numpy(), mask_inputs.detach().float().cpu().numpy(), has_mask
         )
         return torch.from_numpy(low_res)
-
-    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
-        """Bilinearly resize low-resolution logits to the network input size."""
-        return upsample_logits(low_res, self.image_size)
-
-    def decode(self, features, **prompts) -> torch.Tensor:
-        """Logits ``[N, 1, S, S]`` for the prompts (see :meth:`decode_low_res`)."""
-        return self.upsample_logits(self.decode_low_res(features, **prompts))
-
-    def forward(
-        self, image, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None
-    ) -> torch.Tensor:
-        return self.decode(
-            self.encode(image),
-            boxes=boxes,
-            points=points,
-            point_labels=point_labels,
-            mask_inputs=mask_inputs,
-            image_index=image_index,
-        )
 
     def extra_repr(self) -> str:
         return f"{self.source}, {self.config}"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bundle.networks import SAMUNet
 
-from .checkpoint import load_for_export
+from .checkpoint import load_for_export, network_for
 from .modules import ImageEncoderExport, PromptDecoderExport, pack_prompts
 
 
@@ -122,8 +122,9 @@ class TorchScriptExport(nn.Module):
     """The network as MONAI's ``ckpt_export`` sees it: checkpoint loading is strict and explains a mismatch, and
     ``torch.jit.script`` turns it into a :class:`ScriptedSAMUNet`.
 
-    ``load_state_dict`` takes the bundle's ``{"model": ...}`` checkpoints as they are (no ``--key_in_ckpt``) and any
-    format :mod:`bundle.networks.weights` reads.
+    ``load_state_dict`` takes the bundle's ``{"model": ..., "network": contract}`` checkpoints as they are (no
+    ``--key_in_ckpt``) and any format :mod:`bundle.networks.weights` reads; a checkpoint whose model contract names
+    another network than the (argument-free) ``network_def`` of ``configs/inference.json`` replaces it with that one.
     """
 
     def __init__(self, network: SAMUNet) -> None:
@@ -131,7 +132,9 @@ class TorchScriptExport(nn.Module):
         self.network = network
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        load_for_export(self.network, dict(state_dict))
+        checkpoint = dict(state_dict)
+        self.network = network_for(self.network, checkpoint)
+        load_for_export(self.network, checkpoint)
         return nn.modules.module._IncompatibleKeys([], [])
 
     def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -251,10 +251,10 @@ class SiteRunner:
     def write_summary(self, error: str | None = None) -> None:
         os.makedirs(self.workdir, exist_ok=True)
         summary = {"site": self.site, "frozen_sha256": self.fingerprint, "rounds": self.history, "error": error}
-        tmp = os.path.join(self.workdir, ".fl_exchange.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(self.workdir, "fl_exchange.json"))
+        from bundle.io import atomic_write
+
+        with atomic_write(os.path.join(self.workdir, "fl_exchange.json")) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
 
 
 def serve_error(flare, site: str, message: str) -> None:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch.nn as nn
+
+from bundle.config import bundle_parser
 
 from .exchange import FROZEN_VARS, split_keys
 
 
 def config_value(bundle_root: str, config_file: str | list, key: str, overrides: Mapping | None = None):
     """The parsed value of ``key`` in the bundle config with ``overrides`` (no component instantiated)."""
-    from monai.bundle import ConfigParser
-
-    files = [config_file] if isinstance(config_file, str) else list(config_file)
-    parser = ConfigParser()
-    parser.read_config([f if os.path.isabs(f) else os.path.join(bundle_root, f) for f in files])
-    parser["bundle_root"] = bundle_root
-    for k, v in (overrides or {}).items():
-        parser[k] = v
+    parser = bundle_parser(config_file, bundle_root, overrides)
     return parser.get_parsed_content(key, instantiate=False) if key in parser else None
 
 
@@ -30,19 +24,7 @@ def build_bundle_network(
     overrides: Mapping | None = None,
 ) -> nn.Module:
     """Instantiate ``network_id`` from the bundle config with ``overrides`` (ids as in ``monai.bundle run``)."""
-    from monai.bundle import ConfigParser
-
-    files = [config_file] if isinstance(config_file, str) else list(config_file)
-    files = [f if os.path.isabs(f) else os.path.join(bundle_root, f) for f in files]
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"bundle config {path} not found (bundle_root {bundle_root!r})")
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser["bundle_root"] = bundle_root
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    return parser.get_parsed_content(network_id, instantiate=True)
+    return bundle_parser(config_file, bundle_root, overrides).get_parsed_content(network_id, instantiate=True)
 
 
 class TrainablePart(nn.Module):

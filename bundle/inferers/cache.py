@@ -1,17 +1,18 @@
-"""A small memory-bounded LRU cache of per-slice image embeddings.
+"""Memory-bounded LRU caches: slice embeddings for the inferer, loaded volumes for the MONAI Label server.
 
 The volume inferer encodes every slice once and reuses its features for every prompt on it (a 3D box, propagation,
-extra clicks); the MONAI Label server keeps one cache per loaded network so interactive clicks on an already-seen slice
-only run the prompt encoder and mask decoder.
+extra clicks); the MONAI Label server also keeps its loaded, normalised volumes so that a click does not re-read the
+file. Both are :class:`MemoryCache`: cachetools' ``LRUCache`` sized in bytes, behind a lock, with hit counts.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
+from cachetools import LRUCache
 
 Features = dict[str, torch.Tensor]
 
@@ -21,88 +22,62 @@ def features_nbytes(features: Features) -> int:
     return sum(t.numel() * t.element_size() for t in features.values())
 
 
-class EmbeddingCache:
-    """Least-recently-used cache of SAMUNet features, bounded in bytes (and optionally in entries).
+class MemoryCache:
+    """Least-recently-used cache bounded in bytes (``sizeof(value)`` each) and optionally in entries.
 
-    Keys are hashable tuples, by convention ``(image_id, axis, slice_index)``; values are the features dict that
-    :meth:`bundle.networks.SAMUNet.encode` returns for ONE image, without the batch dimension (``[C, h, w]`` each).
-    One cache belongs to one network: features of different networks or preprocessing must not share ``image_id``\\ s.
-
-    Args:
-        max_bytes: memory budget for all cached tensors; the least recently used entries are evicted beyond it.
-            An entry larger than the whole budget is not stored. ``0`` disables caching.
-        max_items: optional cap on the number of entries.
-        storage_device: where cached tensors live (``None``: where they were computed, e.g. on the GPU).
-
-    Thread-safe (a lock guards every access), so a server may share it between request threads.
+    An entry larger than the whole budget is not stored; ``max_bytes=0`` disables caching. Keys are hashable, by
+    convention tuples whose first element names the image (:meth:`invalidate` drops all of an image's entries).
+    Thread-safe, so a server may share it between request threads.
     """
 
-    def __init__(
-        self, max_bytes: int = 1 << 30, max_items: int | None = None, storage_device: str | torch.device | None = None
-    ) -> None:
+    def __init__(self, max_bytes: int, sizeof: Callable[[Any], int], max_items: int | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         if max_items is not None and max_items < 0:
             raise ValueError(f"max_items must be >= 0 or None, got {max_items}")
         self.max_bytes = int(max_bytes)
         self.max_items = max_items
-        self.storage_device = None if storage_device is None else torch.device(storage_device)
-        self._entries: OrderedDict[Hashable, tuple[Features, int]] = OrderedDict()
-        self._nbytes = 0
+        self._entries = LRUCache(maxsize=self.max_bytes, getsizeof=sizeof)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    # ------------------------------------------------------------------------------------------------------------ access
-    def get(self, key: Hashable) -> Features | None:
-        """Return the cached features for ``key`` (marking them most recently used) or ``None``."""
+    def get(self, key: Hashable):
+        """The value for ``key`` (marking it most recently used), or ``None``."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
+            value = self._entries.get(key)
+            if value is None:
                 self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
+            else:
+                self.hits += 1
+            return value
 
-    def put(self, key: Hashable, features: Features) -> bool:
-        """Store ``features`` (one image, no batch dimension) under ``key``; returns whether they were kept."""
-        stored = {
-            name: t.detach().to(self.storage_device) if self.storage_device else t.detach()
-            for name, t in features.items()
-        }
-        size = features_nbytes(stored)
+    def put(self, key: Hashable, value) -> bool:
+        """Store ``value`` under ``key``, evicting the least recently used entries; returns whether it was kept."""
         with self._lock:
-            if key in self._entries:
-                self._nbytes -= self._entries.pop(key)[1]
-            if size > self.max_bytes or self.max_items == 0:
+            self._entries.pop(key, None)
+            if self.max_items == 0:
                 return False
-            self._entries[key] = (stored, size)
-            self._nbytes += size
-            self._evict()
+            try:
+                self._entries[key] = value
+            except ValueError:  # larger than the whole budget
+                return False
+            while self.max_items is not None and len(self._entries) > self.max_items:
+                self._entries.popitem()
             return key in self._entries
-
-    def _evict(self) -> None:
-        while self._entries and (
-            self._nbytes > self.max_bytes or (self.max_items is not None and len(self._entries) > self.max_items)
-        ):
-            _, (_, size) = self._entries.popitem(last=False)
-            self._nbytes -= size
 
     def invalidate(self, image_id: Hashable) -> int:
         """Drop every entry whose key starts with ``image_id`` (e.g. when an image is edited or closed)."""
         with self._lock:
             doomed = [k for k in self._entries if isinstance(k, tuple) and k and k[0] == image_id]
             for key in doomed:
-                self._nbytes -= self._entries.pop(key)[1]
+                del self._entries[key]
             return len(doomed)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._nbytes = 0
 
-    # -------------------------------------------------------------------------------------------------------- inspection
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._entries
@@ -114,10 +89,38 @@ class EmbeddingCache:
     @property
     def nbytes(self) -> int:
         """Bytes currently held."""
-        return self._nbytes
+        return int(self._entries.currsize)
 
     def __repr__(self) -> str:
         return (
-            f"EmbeddingCache({len(self)} entries, {self._nbytes / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB, "
+            f"{type(self).__name__}({len(self)} entries, {self.nbytes / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB, "
             f"hits={self.hits}, misses={self.misses})"
+        )
+
+
+class EmbeddingCache(MemoryCache):
+    """:class:`MemoryCache` of SAMUNet features, one image each (``[C, h, w]`` tensors, no batch dimension).
+
+    Keys are by convention ``(image_id, axis, slice_index)``. One cache belongs to one network: features of
+    different networks or preprocessing must not share ``image_id``\\ s.
+
+    Args:
+        max_bytes: memory budget for all cached tensors.
+        max_items: optional cap on the number of entries.
+        storage_device: where cached tensors live (``None``: where they were computed, e.g. on the GPU).
+    """
+
+    def __init__(
+        self,
+        max_bytes: int = 1 << 30,
+        max_items: int | None = None,
+        storage_device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(max_bytes, features_nbytes, max_items)
+        self.storage_device = None if storage_device is None else torch.device(storage_device)
+
+    def put(self, key: Hashable, features: Features) -> bool:
+        device = self.storage_device
+        return super().put(
+            key, {name: (t.detach().to(device) if device else t.detach()) for name, t in features.items()}
         )

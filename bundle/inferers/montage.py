@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from bundle.io import atomic_write
 
 
 def write_montage(
@@ -63,13 +63,9 @@ def write_montage(
         state = f"stopped, {s.stopped}" if s.stopped else f"{int(m.sum())} px"
         ax.set_title(f"slice {s.index}{' (prop.)' if s.propagated else ''}: {state}", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.png"
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=80)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -14,12 +14,11 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from bundle.transforms.network_input import PIXEL_NORMALIZATIONS
+from bundle.networks.interface import PromptableNetwork
 
 from .cache import EmbeddingCache
 from .volume_prompts import PromptPlan, SlicePrompt
@@ -30,6 +29,24 @@ logger = logging.getLogger(__name__)
 def _is_oom(error: BaseException) -> bool:
     oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom_type is not None and isinstance(error, oom_type)) or "out of memory" in str(error).lower()
+
+
+def check_intensity_range(slices: np.ndarray, source: str = "volume") -> None:
+    """Raise ValueError unless ``slices`` hold [0, 255] intensities (what ``ModalityNormalize`` gives).
+
+    A slice stack within [0, 1] that is not all zero is refused too: it was scaled for a network input already,
+    and the box-propagation contrast test (``min_contrast``, in [0, 255] units) would stop on every slice.
+    """
+    low, high = float(np.min(slices)), float(np.max(slices))
+    if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-3 or high > 255.0 + 1e-3:
+        raise ValueError(
+            f"{source}: intensities must lie in [0, 255] (ModalityNormalize's output), got [{low:.4g}, {high:.4g}]"
+        )
+    if 0.0 < high <= 1.0:
+        raise ValueError(
+            f"{source}: intensities lie in [{low:.4g}, {high:.4g}], which looks like a [0, 1] image; the inferer "
+            "expects [0, 255] (ModalityNormalize's output): multiply by 255"
+        )
 
 
 def _score(logits: torch.Tensor, mask: np.ndarray) -> float | None:
@@ -80,12 +97,6 @@ class SliceFrame:
         """``[..., A, B]`` -> ``[..., H, W]`` (the image orientation)."""
         return slices.transpose(-1, -2) if self.transpose else slices
 
-    def resize_and_pad(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised ``[N, C, H, W]`` -> ``[N, C, size, size]`` (all images of one slice grid at once)."""
-        n, c = images.shape[:2]
-        framed = self._to(images.reshape(n * c, *images.shape[2:]))
-        return torch.as_tensor(framed).reshape(n, c, self.size, self.size)
-
     def _xy(self, ab: np.ndarray) -> np.ndarray:
         return ab if self.transpose else ab[..., ::-1]
 
@@ -114,9 +125,9 @@ class PromptedSliceInferer:
     """Slice-wise prompted inference with a :class:`bundle.networks.SAMUNet` (any configuration).
 
     Args:
-        network: the SAMUNet (moved to ``device`` by the caller or here).
-        pixel_normalization: ``"sam"`` (SAM mean/std of a [0, 255] image; SAM ViT-B / SAM-UNet weights),
-            ``"litemedsam"`` (min-max [0, 1]; the LiteMedSAM default) or a callable on ``[N, 3, H, W]`` images in [0, 255] (before resizing and padding).
+        network: a :class:`~bundle.networks.interface.PromptableNetwork` (``SAMUNet``, its compiled-encoder or ONNX
+            Runtime forms), moved to ``device`` by the caller or here. Its ``preprocess`` scales the slices as its
+            weights expect.
         batch_size: slices encoded per network call (bounds memory for volumes of any length); halved on
             out-of-memory down to 1.
         cache: an :class:`EmbeddingCache` shared across calls (a fresh 1 GiB one by default).
@@ -133,13 +144,13 @@ class PromptedSliceInferer:
             ``bundle.data.volumes.take_slice`` makes the training slices, so inference sees what training saw.
 
     Input volumes are ``[A, B, K]`` (grey) or ``[3, A, B, K]`` (RGB) float arrays already intensity-normalised to
-    [0, 255] for their modality (the data pipeline's ``ModalityNormalize``), with slices along the last axis.
+    [0, 255] for their modality (the data pipeline's ``ModalityNormalize``), with slices along the last axis; a
+    volume outside that range (e.g. scaled to [0, 1]) is a ValueError.
     """
 
     def __init__(
         self,
-        network: torch.nn.Module,
-        pixel_normalization: str | Callable = "sam",
+        network: PromptableNetwork,
         batch_size: int = 8,
         cache: EmbeddingCache | None = None,
         margin: float = 5.0,
@@ -151,12 +162,7 @@ class PromptedSliceInferer:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(pixel_normalization, str) and pixel_normalization not in PIXEL_NORMALIZATIONS:
-            raise ValueError(
-                f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS} or a callable, got {pixel_normalization!r}"
-            )
         self.network = network
-        self.pixel_normalization = pixel_normalization
         self.batch_size = int(batch_size)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.margin = float(margin)
@@ -187,29 +193,11 @@ class PromptedSliceInferer:
         return torch.autocast("cuda", dtype=dtype)
 
     def _prepare(self, slices: np.ndarray, frame: SliceFrame) -> torch.Tensor:
-        """``[N, A, B]`` or ``[N, 3, A, B]`` intensities in [0, 255] -> normalised network input ``[N, 3, S, S]``.
-
-        ``"sam"``: the data pipeline's ``SAMPixelNormalize`` then ``ToNetworkFrame`` (padding 0 after normalising);
-        ``"litemedsam"``: ``ToNetworkFrame`` then ``LiteMedSAMScale`` (min-max of the unpadded frame to [0, 1]).
-        """
+        """``[N, A, B]`` or ``[N, 3, A, B]`` intensities in [0, 255] -> the network's input ``[N, 3, S, S]``."""
         image = torch.as_tensor(np.ascontiguousarray(slices), dtype=torch.float32)
         if image.ndim == 3:
-            image = image[:, None].expand(-1, 3, -1, -1)
-        image = frame.to_image(image).contiguous()
-        if self.pixel_normalization == "litemedsam":
-            from bundle.transforms.lite import LiteMedSAMScale
-
-            scale = LiteMedSAMScale(self.image_size)
-            framed = frame.resize_and_pad(image)
-            image = torch.stack([torch.as_tensor(scale(im, original_hw=frame.hw)) for im in framed])
-        elif self.pixel_normalization == "sam":
-            from bundle.transforms.intensity import SAMPixelNormalize
-
-            normalize = SAMPixelNormalize()
-            image = frame.resize_and_pad(torch.stack([torch.as_tensor(normalize(im)) for im in image]))
-        else:
-            image = frame.resize_and_pad(self.pixel_normalization(image))
-        return image.float().to(self.device)
+            image = image[:, None]
+        return self.network.preprocess(frame.to_image(image)).to(self.device)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -246,6 +234,7 @@ class PromptedSliceInferer:
         missing = [k for k in indices if found[k] is None]
         if missing:
             slices = np.stack([volume[..., k] for k in missing])
+            check_intensity_range(slices, f"slices {missing[0]}..{missing[-1]} of {image_id}")
             encoded = self._encode(self._prepare(slices, frame))
             for k, features in zip(missing, encoded):
                 self.cache.put((image_id, axis, k), features)

@@ -13,41 +13,20 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from bundle.io import DISPLAY_SUFFIXES, image_suffix, load_image, strip_extensions, write_mask
+
 from .slice_inferer import PromptedSliceInferer
 from .volume_prompts import PROMPT_KEYS, PromptPlan, plan_prompts
 
 logger = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
-DISPLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-KNOWN_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + DISPLAY_SUFFIXES
 OUTPUT_FORMATS = ("nifti", "input")
-
-
-def strip_extensions(path: str | os.PathLike) -> str:
-    """File name without its image extensions (``a.nii.gz`` -> ``a``; a DICOM folder keeps its name)."""
-    name = Path(os.fspath(path).rstrip("/\\")).name
-    lower = name.lower()
-    for suffix in KNOWN_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _suffix(path: str) -> str:
-    lower = path.lower()
-    for suffix in KNOWN_SUFFIXES:
-        if lower.endswith(suffix):
-            return suffix
-    return ""
 
 
 def output_path_for(image_path: str, output_dir: str, postfix: str = "_seg", output_format: str = "nifti") -> Path:
@@ -61,7 +40,7 @@ def output_path_for(image_path: str, output_dir: str, postfix: str = "_seg", out
                 f"{image_path}: output_format='input' cannot write a DICOM series (DICOM SEG is not supported); "
                 "use output_format='nifti'"
             )
-        ext = _suffix(image_path)
+        ext = image_suffix(image_path)
         if ext in (".dcm", ".nhdr", ".mhd", ".jpg", ".jpeg", ".bmp"):
             ext = {".dcm": ".nii.gz", ".nhdr": ".nrrd", ".mhd": ".mha"}.get(ext, ".png")
         if not ext:
@@ -69,70 +48,35 @@ def output_path_for(image_path: str, output_dir: str, postfix: str = "_seg", out
     return Path(output_dir) / f"{strip_extensions(image_path)}{postfix}{ext}"
 
 
-# ------------------------------------------------------------------------------------------------------------------ IO
-def load_image(path: str):
-    """Load ``path`` channel-first with MONAI ``LoadImage``: nibabel for NIfTI (its affine kept exactly), the data
-    pipeline's loader (ITK for NRRD / MHA / DICOM files and series folders, PIL for PNG/JPG) otherwise."""
-    from monai.data import NibabelReader
-    from monai.transforms import LoadImage
+# ------------------------------------------------------------------------------------------------------- volumes
+def normalized_volume(image, modality: str, source: str = "image") -> np.ndarray:
+    """``image [C, *spatial]`` (as :func:`bundle.io.load_image` gives it) -> float32 ``[C, *spatial]`` in [0, 255],
+    normalised for ``modality`` (``ModalityNormalize``). Grey volumes stay one channel (replicated per slice batch,
+    to bound memory); RGB(A) display images give 3."""
+    from bundle.transforms.intensity import ModalityNormalize
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.lower().endswith(NIFTI_SUFFIXES):
-        try:
-            return LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
-        except Exception as error:
-            raise ValueError(f"{path}: cannot be read as a NIfTI image ({type(error).__name__}: {error})") from error
-    from bundle.transforms.io import LoadMedicalImage
-
-    return LoadMedicalImage()(path)
+    normalized = ModalityNormalize(modality=modality, out_channels=1 if image.shape[0] == 1 else 3)(
+        image, source=source
+    )
+    if isinstance(normalized, torch.Tensor):
+        normalized = normalized.detach().cpu().numpy()
+    return np.asarray(normalized, dtype=np.float32)
 
 
-def _writer_for(path: Path, display: bool):
-    from monai.data import ITKWriter, NibabelWriter
+def to_slices(normalized: np.ndarray, axis: int) -> np.ndarray:
+    """``[C, *spatial]`` -> the inferer's slice stack ``[A, B, K]`` (grey) or ``[3, A, B, K]``, slices along ``axis``
+    of a 3D image (a 2D image is one slice)."""
+    if normalized.ndim == 3:
+        volume = normalized[..., None]  # [C, A, B, 1]
+    else:
+        volume = np.moveaxis(normalized, 1 + axis, -1)  # [C, A, B, K]
+    return volume[0] if volume.shape[0] == 1 else volume
 
-    name = path.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
-        return NibabelWriter(output_dtype=np.uint8)
-    return ITKWriter(output_dtype=np.uint8)
 
-
-def write_mask(mask: np.ndarray, image, path: Path, display: bool = False) -> Path:
-    """Write ``mask`` (spatial shape of ``image``) with ``image``'s geometry to ``path`` atomically.
-
-    The file is written to a hidden temporary name in the same folder and renamed, so a failed write leaves no
-    partial output. PNG masks are written 0/255 (visible), every other format 0/1; all uint8.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(path.name) or path.suffix
-    tmp = path.parent / f".{path.name[: -len(suffix)]}.tmp-{uuid.uuid4().hex[:8]}{suffix}"
-    data = mask.astype(np.uint8)
-    if suffix in DISPLAY_SUFFIXES:
-        data = data * 255
-    meta = dict(image.meta)
-    writer = _writer_for(path, display)
-    try:
-        if suffix in DISPLAY_SUFFIXES:
-            from PIL import Image
-
-            Image.fromarray(data).save(tmp)  # [H, W] as PILReader(reverse_indexing=False) read it
-        elif display:  # a 2D display image as NIfTI: its pixel grid, identity affine
-            import nibabel as nib
-
-            nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp))
-        else:
-            # keep a trailing singleton spatial dim (a single-slice volume) so the data matches its 3D affine
-            keep = data.shape[-1] == 1
-            writer.set_data_array(torch.as_tensor(data)[None], channel_dim=0, squeeze_end_dims=not keep)
-            if keep:
-                writer.data_obj = writer.data_obj[..., 0]  # drop the channel axis moved to the end
-            writer.set_metadata(meta, resample=False)
-            writer.write(str(tmp), verbose=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+def from_slices(mask: np.ndarray, spatial: tuple[int, ...], axis: int) -> np.ndarray:
+    """The inverse of :func:`to_slices` for a mask ``[A, B, K]``: back to the image's ``spatial`` shape."""
+    restored = mask[..., 0] if len(spatial) == 2 else np.moveaxis(mask, -1, axis)
+    return restored.reshape(spatial)
 
 
 # -------------------------------------------------------------------------------------------------------------- runner
@@ -311,28 +255,12 @@ class VolumeInferenceRunner:
 
     def _segment_one(self, item, image, plan: PromptPlan, modality: str, display: bool, out: Path) -> dict:
         start = time.perf_counter()
-        from bundle.transforms.intensity import ModalityNormalize
-
-        # grey volumes stay one channel (replicated per slice batch) to bound memory; RGB(A) display images give 3
-        normalized = ModalityNormalize(modality=modality, out_channels=1 if image.shape[0] == 1 else 3)(
-            image, source=item["image"]
-        )
-        normalized = np.asarray(
-            normalized.detach().cpu().numpy() if isinstance(normalized, torch.Tensor) else normalized, dtype=np.float32
-        )
+        normalized = normalized_volume(image, modality, source=item["image"])
         spatial = normalized.shape[1:]
-        if len(spatial) == 2:
-            volume = normalized[..., None]  # [C, A, B, 1]
-        else:
-            volume = np.moveaxis(normalized, 1 + plan.axis, -1)  # [C, A, B, K]
-        volume = volume[0] if volume.shape[0] == 1 else volume
+        volume = to_slices(normalized, plan.axis)
         image_id = (os.path.abspath(item["image"]), modality)
         mask, slices = self.inferer.segment_volume(volume, plan, image_id=image_id)
-        if len(spatial) == 2:
-            mask_out = mask[..., 0]
-        else:
-            mask_out = np.moveaxis(mask, -1, plan.axis)
-        mask_out = mask_out.reshape(spatial)
+        mask_out = from_slices(mask, spatial, plan.axis)
         written = write_mask(mask_out, image, out, display=display)
         result = {
             "image": os.fspath(item["image"]),
@@ -349,9 +277,13 @@ class VolumeInferenceRunner:
             result["montage"] = os.fspath(
                 write_montage(volume, mask, slices, montage_path, transpose=self.inferer.transpose)
             )
-        print(
-            f"{result['image']}: mask written to {result['mask']} ({result['voxels']} voxels on {len(result['slices'])} slices)"
+        logger.info(
+            "%s: mask written to %s (%d voxels on %d slices)",
+            result["image"],
+            result["mask"],
+            result["voxels"],
+            len(result["slices"]),
         )
         if "montage" in result:
-            print(f"{result['image']}: montage written to {result['montage']}")
+            logger.info("%s: montage written to %s", result["image"], result["montage"])
         return result

@@ -8,9 +8,9 @@ import os
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
-logger = logging.getLogger(__name__)
+from bundle.io import LABEL_SUFFIXES
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+logger = logging.getLogger(__name__)
 
 
 class UploadError(HTTPException, ValueError):
@@ -29,15 +29,15 @@ def check_volume_file(path: str, what: str = "image", name: str | None = None) -
     """Read the header (and data) of ``path`` with ITK / nibabel; returns the voxel size or raises UploadError."""
     shown = name or os.path.basename(path)
     lower = (name or path).lower()
-    if not lower.endswith(IMAGE_SUFFIXES):
-        raise UploadError(f"{what} {shown!r}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)}")
+    if not lower.endswith(LABEL_SUFFIXES):
+        raise UploadError(f"{what} {shown!r}: unsupported file type; expected one of {', '.join(LABEL_SUFFIXES)}")
     try:
-        from bundle.inferers import load_image
+        from bundle.io import load_image
 
         image = load_image(path)
     except Exception as error:  # readers raise many types; the message names the file
         detail = (str(error).strip().splitlines() or [""])[0].replace(f"{path}: ", "").replace(str(path), shown)
-        raise UploadError(f"{what} {shown!r} is not a readable {', '.join(IMAGE_SUFFIXES)} file ({detail})") from None
+        raise UploadError(f"{what} {shown!r} is not a readable {', '.join(LABEL_SUFFIXES)} file ({detail})") from None
     spatial = tuple(int(s) for s in image.shape[1:])
     if image.shape[0] != 1 or len(spatial) != 3:
         raise UploadError(
@@ -73,7 +73,7 @@ class CheckedLocalDatastore(LocalDatastore):
 
 def _suffix(path: str) -> str:
     lower = path.lower()
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in LABEL_SUFFIXES:
         if lower.endswith(suffix):
             return path[-len(suffix) :]
     return os.path.splitext(path)[1]

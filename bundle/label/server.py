@@ -4,9 +4,9 @@ Configuration (``--conf key value``; all optional):
 
 =====================  =================================================================================================
 ``models``             infer/train task names to enable, comma separated; only ``sam_unet`` exists (default).
-``weights``            initial weights: a checkpoint file or ``litemedsam`` (default: ``weights`` of inference.json).
-``network``            JSON of ``SAMUNet`` keyword arguments (default: ``network_def`` of ``configs/inference.json``).
-``pixel_normalization``  ``litemedsam`` or ``sam`` (default: inference.json's).
+``weights``            initial weights: a checkpoint file or ``litemedsam`` (default: ``weights`` of inference.json);
+                       a bundle checkpoint brings its own network (its model contract).
+``network``            JSON of ``SAMUNet`` arguments that override ``network_def`` of ``configs/inference.json``.
 ``modality``           force one modality for every image (``ct``, ``mr``, ...); else request / metadata / default.
 ``default_modality``   modality of images that name none (default ``ct``).
 ``mode``               default request mode, ``2d`` or ``3d`` (default ``2d``).
@@ -15,6 +15,8 @@ Configuration (``--conf key value``; all optional):
 ``model_dir``          where trained weights are published (default ``<app>/model``).
 ``preload``            build the network at server start (default ``true``).
 ``threads``            torch CPU threads of the server (default: torch's choice).
+any other key          overrides that id of ``configs/inference.json``: ``weights``, ``batch_size 4``,
+                       ``min_contrast 5``, ... (values are read as JSON where they parse).
 =====================  =================================================================================================
 """
 
@@ -32,39 +34,70 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.utils.others.generic import strtobool
 
+from bundle.config import BUNDLE_ROOT
+
 from .datastore import CheckedLocalDatastore
-from .infer import LITEMEDSAM_NETWORK, SAMUNetInferTask
+from .infer import SAMUNetInferTask
 from .requests import RequestError
 from .train import SAMUNetTrainTask
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "sam_unet"
 
 
-def bundle_inference_settings(bundle_root: Path = BUNDLE_ROOT) -> dict:
-    """``network_def`` kwargs, ``weights`` and ``pixel_normalization`` from the bundle's ``configs/inference.json``."""
-    from monai.bundle import ConfigParser
+#: ``--conf`` keys the app itself reads; any other key names a ``configs/inference.json`` id to override
+APP_OPTIONS = (
+    "models",
+    "network",
+    "device",
+    "cache_mb",
+    "modality",
+    "default_modality",
+    "mode",
+    "volume_cache_mb",
+    "model_dir",
+    "preload",
+    "threads",
+)
 
-    settings = {"network": dict(LITEMEDSAM_NETWORK), "weights": "litemedsam", "pixel_normalization": None}
-    config = bundle_root / "configs" / "inference.json"
-    if not config.is_file():
-        return settings
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle_root)
-    raw = parser.get("network_def") or {}
-    if isinstance(raw, dict) and raw.get("_target_", "").endswith("SAMUNet"):
-        settings["network"] = {
-            k: parser.get_parsed_content(f"network_def#{k}", instantiate=False)
-            for k in raw
-            if k not in ("_target_", "weights") and not k.startswith("_")
-        }
-    for key in ("weights", "pixel_normalization"):
-        if parser.get(key) is not None:
-            settings[key] = parser.get_parsed_content(key, instantiate=False)
-    return settings
+
+def _conf_value(text):
+    """A ``--conf`` value: JSON where it parses (numbers, booleans, lists), else the string itself."""
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError:
+        return text
+
+
+def inference_overrides(conf: dict, bundle_root: Path = BUNDLE_ROOT) -> dict:
+    """``configs/inference.json`` ids set by the app's ``--conf`` values (everything else comes from the config).
+
+    ``network`` is a JSON object of ``SAMUNet`` arguments (``network_def#...`` ids), ``device`` a torch device name,
+    ``cache_mb`` the embedding cache budget; any other key that is an id of the config (``weights``,
+    ``batch_size``, ``min_contrast``, ...) overrides that id.
+    """
+    from bundle.config import bundle_parser
+
+    ids = bundle_parser("configs/inference.json", bundle_root).config
+    out: dict = {}
+    if conf.get("network"):
+        network = _conf_value(conf["network"])
+        if not isinstance(network, dict):
+            raise ValueError(f"--conf network {conf['network']!r}: expected a JSON object of SAMUNet arguments")
+        out.update({f"network_def#{key}": value for key, value in network.items()})
+    if conf.get("device"):
+        out["device"] = f"$torch.device({str(conf['device'])!r})"
+    if conf.get("cache_mb"):
+        out["cache_bytes"] = int(float(conf["cache_mb"]) * 2**20)
+    for key, value in conf.items():
+        if key in APP_OPTIONS:
+            continue
+        if key in ids:
+            out[key] = _conf_value(value)
+        else:
+            logger.warning("--conf %s: not an option of this app nor an id of configs/inference.json; ignored", key)
+    return out
 
 
 def _http_error(error: Exception) -> HTTPException:
@@ -83,15 +116,7 @@ class SAMUNetApp(MONAILabelApp):
             raise ValueError(
                 f"--conf models {conf.get('models')!r}: unknown model(s) {unknown}; available: {MODEL_NAME}"
             )
-        defaults = bundle_inference_settings()
-        self.network = json.loads(conf["network"]) if conf.get("network") else defaults["network"]
-        self.weights = conf.get("weights") or defaults["weights"]
-        backbone = self.network.get("backbone", "vit_b")
-        self.pixel_normalization = (
-            conf.get("pixel_normalization")
-            or defaults["pixel_normalization"]
-            or ("litemedsam" if backbone == "tiny_vit" else "sam")
-        )
+        self.overrides = inference_overrides(conf)
         self.model_dir = Path(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.published_weights = self.model_dir / f"{MODEL_NAME}.pt"
@@ -130,15 +155,12 @@ class SAMUNetApp(MONAILabelApp):
         conf = self.conf
         task = SAMUNetInferTask(
             published_weights=self.published_weights,
-            weights=self.weights,
-            network=self.network,
-            pixel_normalization=self.pixel_normalization,
+            overrides=self.overrides,
+            bundle_root=BUNDLE_ROOT,
             modality=conf.get("modality"),
             default_modality=conf.get("default_modality", "ct"),
-            cache_bytes=int(float(conf.get("cache_mb", 1024)) * 2**20),
             volume_cache_bytes=int(float(conf.get("volume_cache_mb", 512)) * 2**20),
             default_mode=conf.get("mode", "2d"),
-            device=conf.get("device"),
             allowed_roots=[self.studies, tempfile.gettempdir()] if not self.studies.startswith("http") else None,
             preload=False,  # built in on_init_complete: the server loads it, a background train process does not
         )
@@ -149,9 +171,7 @@ class SAMUNetApp(MONAILabelApp):
             MODEL_NAME: SAMUNetTrainTask(
                 bundle_root=BUNDLE_ROOT,
                 published_weights=self.published_weights,
-                network=self.network,
-                initial_weights=self.weights,
-                pixel_normalization=self.pixel_normalization,
+                overrides=self.overrides,
                 default_modality=self.conf.get("default_modality", "ct"),
             )
         }

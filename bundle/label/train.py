@@ -5,11 +5,11 @@ Steps (run by MONAI Label in a background process, or in the server with ``run_s
 1. the datastore's image/label pairs with the ``final`` tag (the labels users saved) are converted to SA-Med2D-style
    2D slices (:func:`bundle.data.convert.convert_to_sa_med2d`) in a fresh work folder under ``<app>/model/train``;
 2. ``configs/train.json`` runs (``monai.bundle.run``) with overrides: that data for training and validation, the
-   app's network configuration starting from the weights the server is using, the request's epochs / batch size /
-   learning rate, checkpoints in the work folder, and the pixel normalisation the inferer uses;
-3. the best checkpoint (``model.pt``, key metric) or else the final one is checked to load into the network and
-   published atomically to ``<app>/model/<name>.pt`` (``{"model": state_dict}``). The infer task sees the new file
-   and reloads its weights (clearing its embedding cache) before its next request.
+   served network (its architecture and pixel normalisation, read from the weights the server is using) starting
+   from those weights, the request's epochs / batch size / learning rate, checkpoints in the work folder;
+3. the best checkpoint (``model.pt``, key metric) or else the final one is checked to build the served network and
+   published atomically to ``<app>/model/<name>.pt`` (``{"model": state_dict, "network": contract}``). The infer
+   task sees the new file and rebuilds its network from it (clearing its embedding cache) before its next request.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
+from bundle.config import bundle_parser
+from bundle.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,11 +37,10 @@ class SAMUNetTrainTask(TrainTask):
     """Fine-tune the server's SAM-UNet on the datastore's saved (``final``) labels through ``configs/train.json``.
 
     Args:
-        bundle_root: the bundle (holds ``configs/train.json`` and ``configs/metadata.json``).
+        bundle_root: the bundle (holds ``configs/train.json``, ``configs/inference.json`` and ``configs/metadata.json``).
         published_weights: where the trained weights are published (the infer task watches this file).
-        network: SAMUNet keyword arguments of the served network.
-        initial_weights: weights to start from while nothing is published yet (a file or ``"litemedsam"``).
-        pixel_normalization: ``"litemedsam"`` or ``"sam"``, as the inferer uses.
+        overrides: the ``configs/inference.json`` ids the app's ``--conf`` sets (``weights``, ``network_def#...``,
+            the pixel normalisation): they say which network is served and from which weights it starts.
         default_modality: modality of volumes without one (``"ct"``, ``"mr"``, ...).
     """
 
@@ -46,9 +48,7 @@ class SAMUNetTrainTask(TrainTask):
         self,
         bundle_root: str | os.PathLike,
         published_weights: str | os.PathLike,
-        network: dict,
-        initial_weights: str | None = "litemedsam",
-        pixel_normalization: str = "litemedsam",
+        overrides: dict | None = None,
         default_modality: str | None = "ct",
         description: str = "Fine-tune SAM-UNet on the labels saved in the datastore (configs/train.json)",
     ) -> None:
@@ -58,9 +58,7 @@ class SAMUNetTrainTask(TrainTask):
         self.meta_file = self.bundle_root / "configs" / "metadata.json"
         self.published_weights = Path(published_weights)
         self.work_root = self.published_weights.parent / "train"
-        self.network = dict(network)
-        self.initial_weights = initial_weights
-        self.pixel_normalization = pixel_normalization
+        self.serving = dict(overrides or {})
         self.default_modality = default_modality
         self._stats: dict = {}
 
@@ -90,9 +88,23 @@ class SAMUNetTrainTask(TrainTask):
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def start_weights(self) -> str | None:
-        return str(self.published_weights) if self.published_weights.is_file() else self.initial_weights
+        """The published checkpoint, else the served network's initial weights."""
+        if self.published_weights.is_file():
+            return str(self.published_weights)
+        if "weights" in self.serving:
+            return self.serving["weights"]
+        return bundle_parser("configs/inference.json", self.bundle_root).get_parsed_content("weights")
+
+    def network_overrides(self, weights: str | None) -> dict:
+        """``configs/train.json`` ids that build the served network: its architecture and pixel normalisation."""
+        from bundle.networks import read_weights, resolve_network_args
+        from bundle.networks.contract import config_overrides, explicit_arguments
+
+        source = read_weights(weights) if weights else None
+        return config_overrides(resolve_network_args(explicit_arguments(self.serving), source))
 
     def overrides(self, request: dict, data_dir: Path, run_dir: Path) -> dict:
+        weights = self.start_weights()
         device = name_to_device(request.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
@@ -111,8 +123,7 @@ class SAMUNetTrainTask(TrainTask):
             "num_workers": 0,
             "progress_bar": False,
             "resume": False,
-            "weights": self.start_weights(),
-            "pixel_normalization": self.pixel_normalization,
+            "weights": weights,
             "max_epochs": int(request.get("max_epochs", 2)),
             "epoch_length": epoch_length,
             "batch_size": int(request.get("batch_size", 4)),
@@ -122,14 +133,14 @@ class SAMUNetTrainTask(TrainTask):
             "masks_per_image": int(request.get("masks_per_image", 1)),
             "lr_milestones": [10**6],
         }
-        for key, value in self.network.items():
-            out[f"network_def#{key}"] = value
         # the datastore's slices are small: TensorBoard logs stay in the run folder, nothing else is written
-        return out
+        return {**out, **self.network_overrides(weights)}
 
-    def _publish(self, run_dir: Path) -> tuple[str, Path]:
+    def _publish(self, run_dir: Path, trained: dict) -> tuple[str, Path]:
+        """Check the run's best (else final) checkpoint builds the network that was trained, then publish it."""
         from bundle.networks import SAMUNet
-        from bundle.networks.weights import read_state_dict
+        from bundle.networks.contract import CONTRACT_KEY, config_overrides, network_arguments
+        from bundle.networks.weights import read_checkpoint
 
         models = run_dir / "models"
         for name in ("model.pt", "checkpoint_final.pt"):
@@ -138,12 +149,13 @@ class SAMUNetTrainTask(TrainTask):
                 break
         else:
             raise RuntimeError(f"training wrote no checkpoint in {models}")
-        state = read_state_dict(candidate)
-        SAMUNet(**self.network).load_state_dict(state, strict=True)  # refuse a checkpoint of another architecture
-        self.published_weights.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.published_weights.with_name(f".{self.published_weights.name}.tmp-{os.getpid()}")
-        torch.save({"model": state}, tmp)
-        os.replace(tmp, self.published_weights)
+        network = SAMUNet(weights=str(candidate))  # checks the contract, the fingerprint and every key
+        built = config_overrides(network_arguments(network))
+        if built != trained:
+            raise RuntimeError(f"{candidate} builds {built}, not the trained network {trained}")
+        state, contract = read_checkpoint(candidate)
+        with atomic_write(self.published_weights) as tmp:
+            torch.save({"model": state, CONTRACT_KEY: contract}, tmp)
         return name, candidate
 
     # -------------------------------------------------------------------------------------------------------- run
@@ -171,7 +183,7 @@ class SAMUNetTrainTask(TrainTask):
         overrides = self.overrides(request, data_dir, run_dir)
         logger.info("running %s with overrides %s", self.config_file, overrides)
         monai.bundle.run(config_file=str(self.config_file), meta_file=str(self.meta_file), **overrides)
-        used, checkpoint = self._publish(run_dir)
+        used, checkpoint = self._publish(run_dir, self.network_overrides(overrides["weights"]))
         keep = request.get("keep_run_dir", False)
         if not keep:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -185,7 +197,7 @@ class SAMUNetTrainTask(TrainTask):
             "total_time": round(time.time() - start, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        with open(self.published_weights.with_suffix(".json"), "w") as f:
-            json.dump(self._stats, f, indent=1)
+        with atomic_write(self.published_weights.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(self._stats, indent=1))
         logger.info("SAM-UNet training finished: %s", self._stats)
         return self._stats

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder
 
 from .adapters import Reshaper, upsampling_adapter
+from .contract import (
+    ARCHITECTURE_ARGS,
+    PAPER_ARCHITECTURE,
+    contract_arguments,
+    contradictions,
+    describe_architecture,
+    infer_architecture,
+    make_contract,
+)
 from .conv_branch import STAGE_STRIDES, ConvBranch
 from .decoder import MaskDecoder
+from .interface import PromptableNetworkMixin
+from .pixels import check_pixel_normalization, default_pixel_normalization
+from .weights import WeightsFile, load_state, read_weights
+
+logger = logging.getLogger(__name__)
 
 BACKBONES = ("vit_b", "vit_tiny", "tiny_vit")
 
@@ -27,43 +42,89 @@ def build_backbone(name: str, image_size: int) -> nn.Module:
     raise ValueError(f"Unknown backbone {name!r}; expected one of {BACKBONES}")
 
 
-class SAMUNet(nn.Module):
+def resolve_network_args(explicit: dict, weights: WeightsFile | None = None) -> dict:
+    """The SAMUNet architecture and pixel normalisation for ``explicit`` arguments and ``weights``.
+
+    Each argument comes from, in order: the config (``explicit``), the checkpoint's model contract, what a
+    contract-less checkpoint's keys imply, the paper's network. An explicit argument that contradicts the contract is
+    a ValueError naming both. Returns the SAMUNet arguments, the pixel normalisation among them (weights excluded).
+    """
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    recorded: dict = {}
+    implied: dict = {}
+    if weights is not None and weights.contract is not None:
+        wrong = contradictions(weights.contract, explicit)
+        if wrong:
+            raise ValueError(
+                f"{weights.path} holds a {describe_architecture(weights.contract['architecture'])} network, but the "
+                f"config asks for another: {'; '.join(wrong)}. Drop those network_def / pixel_normalization "
+                "overrides to use the checkpoint's network, or give weights that fit the configured one"
+            )
+        recorded = contract_arguments(weights.contract)
+    elif weights is not None:
+        implied = infer_architecture(weights.state, weights.source_format)
+    merged = {**PAPER_ARCHITECTURE, **implied, **recorded, **explicit}
+    pixels = merged.pop("pixel_normalization", None) or default_pixel_normalization(
+        merged["backbone"], weights.source_format if weights is not None else None
+    )
+    return {**{k: merged[k] for k in ARCHITECTURE_ARGS}, "pixel_normalization": check_pixel_normalization(pixels)}
+
+
+class SAMUNet(PromptableNetworkMixin, nn.Module):
     """Prompted 2D segmentation network (SAM-UNet, arXiv 2408.09886).
 
     Args:
         backbone: frozen image encoder, ``"vit_b"`` (SAM ViT-B), ``"tiny_vit"`` (LiteMedSAM) or ``"vit_tiny"`` (a
             small ViT of the same structure, for tests).
         image_size: square network input size in pixels (256 in the paper).
-        conv_branch: ``"resnet34"``, ``"resnet50"``, ``"resnet18"`` or ``"none"``; its stage outputs are added to the encoder tokens.
+        conv_branch: ``"resnet34"``, ``"resnet50"``, ``"resnet18"`` or ``"none"``; its stage outputs are added to
+            the encoder tokens.
         fusion: multi-scale fusion path in the decoder (bridge adapters + embedding encoder).
         decoder_tokens: ``"med"`` (SAM-UNet's med token) or ``"sam"`` (SAM's own output tokens).
-        weights: optional checkpoint file loaded with :func:`bundle.networks.weights.load_weights` (any supported
-            format: the bundle's own, official SAM, reference SAM-UNet, torchvision ResNet).
+        weights: a checkpoint file (any format of :mod:`bundle.networks.weights`: the bundle's own, official SAM,
+            LiteMedSAM, reference SAM-UNet, torchvision ResNet) or ``"litemedsam"``.
+        pixel_normalization: ``"sam"`` or ``"litemedsam"`` (:mod:`bundle.networks.pixels`).
+
+    Arguments left ``None`` come from the weights: a bundle checkpoint's model contract, or what a checkpoint's keys
+    imply (``weights="litemedsam"`` alone is LiteMedSAM); without weights, the paper's ViT-B + ResNet34 network. A
+    given argument that contradicts the checkpoint's contract is a ValueError naming both.
 
     ``forward(image, boxes, points, point_labels, mask_inputs)`` returns mask logits ``[N, 1, H, W]``; see
-    :meth:`encode` and :meth:`decode` to reuse one image embedding for many prompts.
+    :meth:`encode` and :meth:`decode` to reuse one image embedding for many prompts, and :meth:`preprocess` for
+    the input scaling its weights expect.
     """
 
     def __init__(
         self,
-        backbone: str = "vit_b",
-        image_size: int = 256,
-        conv_branch: str = "resnet34",
-        fusion: bool = True,
-        decoder_tokens: str = "med",
+        backbone: str | None = None,
+        image_size: int | None = None,
+        conv_branch: str | None = None,
+        fusion: bool | None = None,
+        decoder_tokens: str | None = None,
         weights: str | None = None,
+        pixel_normalization: str | None = None,
     ) -> None:
         super().__init__()
-        self.image_size = image_size
-        self.backbone = backbone
-        # the architecture arguments (weights excluded), recorded in exported models and compared when loading them
-        self.config = {
+        explicit = {
             "backbone": backbone,
             "image_size": image_size,
             "conv_branch": conv_branch,
-            "fusion": bool(fusion),
+            "fusion": fusion,
             "decoder_tokens": decoder_tokens,
+            "pixel_normalization": pixel_normalization,
         }
+        # what the config gave (the rest came from the weights): a checkpoint that contradicts it is refused
+        self.explicit_args = {k: v for k, v in explicit.items() if v is not None}
+        source = read_weights(weights) if weights else None
+        architecture = resolve_network_args(explicit, source)
+        self.pixel_normalization = architecture.pop("pixel_normalization")
+        backbone, image_size, conv_branch, fusion, decoder_tokens = (architecture[k] for k in ARCHITECTURE_ARGS)
+        fusion = bool(fusion)
+        self.image_size = image_size
+        self.backbone = backbone
+        # the architecture arguments (weights excluded): the model contract of its checkpoints and exported files
+        self.config = dict(architecture, fusion=fusion)
+        self.load_report = None
         self.image_encoder = build_backbone(backbone, image_size)
         self.image_encoder.requires_grad_(False)
         embedding_size = self.image_encoder.embedding_size
@@ -94,10 +155,21 @@ class SAMUNet(nn.Module):
             self.embedding_encoder = upsampling_adapter(256, 64, 32)
         if fusion_residual:
             self._zero_init_injection()
-        if weights:
-            from .weights import load_weights
+        if source is not None:
+            self.load_report = load_state(self, source, log_level=logging.DEBUG)
+            origin = "its model contract" if source.contract is not None else f"{source.source_format} weights"
+            logger.info(
+                "network from %s (%s): %s, pixel normalisation %s; %s",
+                source.name,
+                origin,
+                describe_architecture(self.config),
+                self.pixel_normalization,
+                self.load_report.summary(),
+            )
 
-            load_weights(self, weights)
+    def contract(self) -> dict:
+        """The model contract of the current weights (:mod:`bundle.networks.contract`), saved with checkpoints."""
+        return make_contract(self)
 
     def _bridge(self, channels: int, size: int) -> nn.Module:
         """Token grid ``[B, channels, size, size]`` -> ``[B, 32, 4e, 4e]`` (e = embedding size)."""
@@ -170,34 +242,6 @@ class SAMUNet(nn.Module):
         multi_scale = features["multi_scale"][image_index] if "multi_scale" in features else None
         return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multi_scale)
 
-    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
-        """Bilinearly resize low-resolution logits to the network input size."""
-        return upsample_logits(low_res, self.image_size)
-
-    def decode(self, features: dict[str, torch.Tensor], **prompts) -> torch.Tensor:
-        """Decode prompts (see :meth:`decode_low_res`) into logits ``[N, 1, S, S]`` at the network input size."""
-        return self.upsample_logits(self.decode_low_res(features, **prompts))
-
-    def forward(
-        self,
-        image: torch.Tensor,
-        boxes: torch.Tensor | None = None,
-        points: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
-        mask_inputs: torch.Tensor | None = None,
-        image_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Segment ``image [B, 3, S, S]`` with the given prompts; ``net(image)`` uses whole-image boxes."""
-        features = self.encode(image)
-        return self.decode(
-            features,
-            boxes=boxes,
-            points=points,
-            point_labels=point_labels,
-            mask_inputs=mask_inputs,
-            image_index=image_index,
-        )
-
     # ------------------------------------------------------------------------------------------------------- validation
     def _check_image(self, image: torch.Tensor) -> None:
         size = self.image_size
@@ -218,11 +262,6 @@ class SAMUNet(nn.Module):
         return check_prompts(
             self.image_size, self.mask_input_size, device, batch, boxes, points, point_labels, mask_inputs, image_index
         )
-
-
-def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinearly resize low-resolution logits ``[N, 1, h, w]`` to ``[N, 1, size, size]``."""
-    return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
 
 
 def check_prompts(size, mask_input_size, device, batch, boxes, points, point_labels, mask_inputs, image_index):

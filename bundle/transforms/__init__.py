@@ -1,5 +1,6 @@
 """MONAI transforms for SAM-UNet: image loading, modality normalisation, the network frame, prompts."""
 
+from ..io import LoadMedicalImage, LoadMedicalImaged, is_display_file
 from .frame import (
     NETWORK_SIZE,
     FromNetworkFrame,
@@ -23,7 +24,6 @@ from .intensity import (
     Window,
     ct_window,
 )
-from .io import LoadMedicalImage, LoadMedicalImaged, is_display_file
 from .lite import LiteMedSAMScale, LiteMedSAMScaled
 from .masks import RandSampleMasksd, sample_masks
 from .modality import (
@@ -37,7 +37,7 @@ from .modality import (
     parse_modality,
     resolve_modality,
 )
-from .network_input import PIXEL_NORMALIZATIONS, NetworkInputd
+from .network_input import NetworkInputd
 from .prompts import (
     Box3DPromptd,
     RandBoxPromptd,
@@ -54,7 +54,6 @@ __all__ = [
     "LiteMedSAMScale",
     "LiteMedSAMScaled",
     "NetworkInputd",
-    "PIXEL_NORMALIZATIONS",
     "NETWORK_SIZE",
     "FromNetworkFrame",
     "FromNetworkFramed",

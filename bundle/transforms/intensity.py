@@ -28,8 +28,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, NormalizeIntensity, NormalizeIntensityd, ScaleIntensityRange, Transform
 from monai.utils import convert_to_tensor
 
+from ..io import is_display_file
 from .checks import describe, require_finite
-from .io import is_display_file
 from .modality import PHOTOGRAPHIC, Modality, parse_modality, resolve_modality
 
 __all__ = [

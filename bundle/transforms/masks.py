@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
@@ -26,19 +27,34 @@ def sample_masks(masks: Sequence, k: int, rng: np.random.RandomState | int | Non
 
 
 class RandSampleMasksd(Randomizable, MapTransform):
-    """Replace the list of mask paths in each key by ``k`` sampled ones (before loading); seeded by MONAI."""
+    """Draw ``k`` of an image's instance masks, anew at every call (seeded by MONAI's ``set_random_state``).
+
+    A key may hold mask file paths (a list, or one path; sampled before loading) or loaded masks ``[K, H, W]``
+    (channels sampled, so the loading can be cached and the masks still change every epoch). Sampling is with
+    replacement, as SAM-Med2D, so every item has exactly ``k`` masks and batches collate; ``replace=False`` draws
+    without replacement where there are at least ``k``.
+    """
 
     def __init__(
         self, keys: KeysCollection = "label", k: int = 5, replace: bool = True, allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.k, self.replace = k, replace
+        if k < 1:
+            raise ValueError(f"k {k!r}: expected at least one mask per image")
+        self.k, self.replace = int(k), bool(replace)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            masks = [d[key]] if isinstance(d[key], str) else list(d[key])
-            if not masks:
-                raise ValueError(f"key {key!r} of image {d.get('image')!r}: empty mask list, nothing to sample")
-            d[key] = sample_masks(masks, self.k, self.R, self.replace)
+            masks = d[key]
+            if isinstance(masks, (str, list, tuple)):
+                paths = [masks] if isinstance(masks, str) else list(masks)
+                if not paths:
+                    raise ValueError(f"key {key!r} of image {d.get('image')!r}: empty mask list, nothing to sample")
+                d[key] = sample_masks(paths, self.k, self.R, self.replace)
+                continue
+            if masks.shape[0] < 1:
+                raise ValueError(f"key {key!r}: no masks to sample from (shape {tuple(masks.shape)})")
+            index = sample_masks(list(range(masks.shape[0])), self.k, self.R, self.replace)
+            d[key] = masks[torch.as_tensor(index)] if isinstance(masks, torch.Tensor) else masks[np.asarray(index)]
         return d

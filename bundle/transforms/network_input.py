@@ -1,4 +1,4 @@
-"""The last preprocessing step: the pixel normalisation a set of weights expects, and the network frame."""
+"""The last preprocessing step of a training or evaluation pipeline: a network's input, made as its weights expect."""
 
 from __future__ import annotations
 
@@ -6,38 +6,20 @@ from monai.config import KeysCollection
 from monai.transforms import Compose
 from monai.utils import ensure_tuple
 
-from .frame import NETWORK_SIZE, ToNetworkFramed
-from .intensity import SAMPixelNormalized
-from .lite import LiteMedSAMScaled
-
-PIXEL_NORMALIZATIONS = ("sam", "litemedsam")
-
 
 class NetworkInputd(Compose):
-    """Image in [0, 255] (3 channels) and its labels -> the ``size`` x ``size`` network frame.
+    """Image in [0, 255] (3 channels) and its labels -> ``network``'s input frame (``S`` x ``S``).
 
     Args:
         keys: the image key first, then label keys (resized with ``label_mode``, exact for masks).
-        pixel_normalization: ``"sam"`` (SAM's mean/std, then resize and zero padding: SAM ViT-B / SAM-UNet weights) or
-            ``"litemedsam"`` (resize and pad, then min-max of the unpadded frame to [0, 1]: LiteMedSAM weights).
-        size: side of the network frame.
+        network: the network the data is for (a :class:`bundle.networks.SAMUNet` or any runtime with
+            ``frame_transforms``); its pixel normalisation and image size decide the steps. Only the transforms are
+            kept, so the dataset does not hold (or pickle) the network.
+        label_mode: MONAI ``Resize`` mode for the labels.
 
     A ``Compose``, so MONAI's ``Invertd`` inverts the frame step through it.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        pixel_normalization: str = "sam",
-        size: int = NETWORK_SIZE,
-        label_mode: str = "nearest-exact",
-    ) -> None:
+    def __init__(self, keys: KeysCollection, network, label_mode: str = "nearest-exact") -> None:
         image_key, *label_keys = ensure_tuple(keys)
-        frame = ToNetworkFramed([image_key, *label_keys], size=size, mode=["bilinear"] + [label_mode] * len(label_keys))
-        if pixel_normalization == "sam":
-            transforms = [SAMPixelNormalized(image_key), frame]
-        elif pixel_normalization == "litemedsam":
-            transforms = [frame, LiteMedSAMScaled(image_key, size=size)]
-        else:
-            raise ValueError(f"pixel_normalization must be one of {PIXEL_NORMALIZATIONS}, got {pixel_normalization!r}")
-        super().__init__(transforms)
+        super().__init__(network.frame_transforms(image_key, label_keys, label_mode))

@@ -1,5 +1,5 @@
-"""A constructed prompt-following segmenter with the SAMUNet interface, for tests, demos and benchmarks of the
-inference machinery without trained weights.
+"""A constructed prompt-following segmenter with the network interface, for tests of the inference machinery
+without trained weights.
 
 :class:`BrightObjectNet` segments the pixels brighter than ``threshold`` (in the network's normalised input) that lie
 inside the box prompt, or, with clicks only, the bright connected component under the foreground clicks. Its output
@@ -11,11 +11,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from bundle.networks.interface import PromptableNetworkMixin
 
 
-class BrightObjectNet(nn.Module):
-    """Constructed network: ``encode`` keeps the image, ``decode_low_res`` thresholds it within the prompt."""
+class BrightObjectNet(PromptableNetworkMixin, nn.Module):
+    """Constructed network: ``encode`` keeps the image, ``decode_low_res`` thresholds it within the prompt.
+
+    Its input is scaled as LiteMedSAM's (min-max of each frame to [0, 1]), so ``threshold`` is relative to each
+    slice's intensity range."""
+
+    pixel_normalization = "litemedsam"
 
     def __init__(self, image_size: int = 256, threshold: float = 0.5) -> None:
         super().__init__()
@@ -61,14 +67,3 @@ class BrightObjectNet(nn.Module):
             out[row] = keep
         logits = torch.from_numpy(np.where(out, 10.0, -10.0)).float()[:, None]
         return logits.to(embedding.device)
-
-    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
-        if low_res.shape[-1] == self.image_size:
-            return low_res
-        return F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-
-    def decode(self, features, **prompts) -> torch.Tensor:
-        return self.upsample_logits(self.decode_low_res(features, **prompts))
-
-    def forward(self, image, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None):
-        return self.decode(self.encode(image), boxes=boxes, points=points, point_labels=point_labels)

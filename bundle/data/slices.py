@@ -1,85 +1,26 @@
-"""Dataset glue the training / evaluation configs need on top of `bundle.data` and `bundle.transforms`.
+"""Datalists of labelled 3D volumes sliced in memory: training and evaluation on volumes without writing PNG files.
 
-- `cached_dataset`: one config entry, three cache choices (``"memory"`` CacheDataset, ``"persistent"``
-  PersistentDataset, ``"none"`` Dataset), so ``train#dataset#data`` stays a plain id (MONAI FL overrides it).
-- `RandSelectMasksd`: k random instance masks of an already loaded ``[K, H, W]`` label, so the loading can be cached
-  and the masks still change every epoch (`bundle.transforms.RandSampleMasksd` samples paths, before loading).
-- `volume_slice_datalist`: a datalist of 3D volumes -> in-memory 2D slice items (one mask per connected component
-  per class, SA-Med2D's rules) without writing files, through `bundle.data.iter_labelled_slices`.
+Each volume is normalised for its modality once, then every slice with foreground becomes one item with one mask per
+connected component per class (SA-Med2D's rules, :mod:`bundle.data.volumes`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.transforms import MapTransform, Randomizable
 
-from bundle.data import MIN_COMPONENT_FRACTION, iter_labelled_slices, load_labelled_volume
-from bundle.transforms import ModalityNormalize, resolve_modality, sample_masks
+from ..transforms import ModalityNormalize, resolve_modality
+from .checks import check_files
+from .volumes import MIN_COMPONENT_FRACTION, iter_labelled_slices, load_labelled_volume
 
-from .handlers import check_files
-
-__all__ = ["CACHE_CHOICES", "cached_dataset", "RandSelectMasksd", "volume_slice_datalist", "load_volume_datalist"]
+__all__ = ["volume_slice_datalist", "load_volume_datalist"]
 
 logger = logging.getLogger(__name__)
-
-CACHE_CHOICES = ("memory", "persistent", "none")
-
-
-def cached_dataset(
-    data: Sequence,
-    transform,
-    cache: str = "memory",
-    cache_dir: str | os.PathLike | None = None,
-    cache_rate: float = 1.0,
-    num_workers: int | None = 0,
-    progress: bool = False,
-):
-    """``CacheDataset`` (``cache="memory"``), ``PersistentDataset`` (``"persistent"``, in ``cache_dir``) or ``Dataset``.
-
-    Both caches keep the deterministic transforms before the first random one.
-    """
-    if cache == "memory":
-        return CacheDataset(
-            data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress
-        )
-    if cache == "persistent":
-        if cache_dir is None:
-            raise ValueError("cache='persistent' needs a cache_dir")
-        os.makedirs(cache_dir, exist_ok=True)
-        return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir)
-    if cache == "none":
-        return Dataset(data=data, transform=transform)
-    raise ValueError(f"cache {cache!r}: expected one of {CACHE_CHOICES}")
-
-
-class RandSelectMasksd(Randomizable, MapTransform):
-    """Keep ``k`` random channels (instance masks) of each ``[K, H, W]`` key, with replacement as SAM-Med2D (so every
-    item has exactly k masks and batches collate), or without replacement when ``replace=False`` and K >= k."""
-
-    def __init__(
-        self, keys: KeysCollection = "label", k: int = 5, replace: bool = True, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if k < 1:
-            raise ValueError(f"k {k!r}: expected at least one mask per image")
-        self.k, self.replace = int(k), bool(replace)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            masks = d[key]
-            if masks.shape[0] < 1:
-                raise ValueError(f"key {key!r}: no masks to sample from (shape {tuple(masks.shape)})")
-            index = sample_masks(list(range(masks.shape[0])), self.k, self.R, self.replace)
-            d[key] = masks[torch.as_tensor(index)] if isinstance(masks, torch.Tensor) else masks[np.asarray(index)]
-        return d
 
 
 def volume_slice_datalist(
@@ -145,8 +86,6 @@ def volume_slice_datalist(
 def load_volume_datalist(path: str | os.PathLike, **kwargs) -> list[dict]:
     """`volume_slice_datalist` of a JSON list of ``{"image", "label", "modality"?}``; relative paths are taken
     against the JSON file's folder. A missing JSON file raises FileNotFoundError naming it."""
-    import json
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such volume datalist (a JSON list of {{'image', 'label'}})")
