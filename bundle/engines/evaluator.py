@@ -17,7 +17,7 @@ from monai.engines.utils import IterationEvents
 from monai.metrics import compute_dice, compute_surface_dice
 from monai.utils.enums import CommonKeys as Keys
 
-from bundle.networks.interface import unwrap
+from bundle.networks.interface import PromptableNetwork, unwrap
 from bundle.transforms import frame_shape
 
 from .interactive import InteractiveDecoding
@@ -100,7 +100,7 @@ class SAMUNetEvaluator(SupervisedEvaluator):
         self,
         device: str | torch.device,
         val_data_loader: Iterable,
-        network: torch.nn.Module,
+        network: PromptableNetwork,
         prompt_modes: Sequence[str] = DEFAULT_MODES,
         interactive_start: str = "points:1",
         nsd_tolerance_mm: float = 2.0,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from bundle.networks.interface import PromptableNetwork
+
 from .prompts import corrective_clicks
 
 __all__ = ["InteractiveDecoding"]
@@ -23,7 +25,7 @@ class InteractiveDecoding(nn.Module):
     gradients of all steps are reduced together), while ``network`` itself stays a plain SAMUNet for checkpoints.
     """
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: PromptableNetwork) -> None:
         super().__init__()
         self.network = network
 

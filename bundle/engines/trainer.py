@@ -14,7 +14,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from bundle.networks.interface import unwrap
+from bundle.networks.interface import PromptableNetwork, unwrap
 
 from .interactive import InteractiveDecoding
 from .prompts import initial_prompts, valid_region
@@ -85,7 +85,7 @@ class SAMUNetTrainer(SupervisedTrainer):
         device: str | torch.device,
         max_epochs: int,
         train_data_loader: Iterable,
-        network: torch.nn.Module,
+        network: PromptableNetwork,
         optimizer: torch.optim.Optimizer,
         loss_function: Callable,
         prompt_probs: Mapping[str, float] | None = None,
