@@ -152,6 +152,11 @@ def test_two_sites_two_rounds_fedavg(fl_data, tmp_path):
             plain[key] += sum(records[f"{s}_round{r}"]["params"][key].double() for s in SITES) / 2
     assert max((final[k].double() - plain[k]).abs().max().item() for k in final) > 1e-6
     assert "global model:" in proc.stdout
+    # each site keeps its own model after its last round, a bundle checkpoint whose contract names the network
+    for site in SITES:
+        saved = torch.load(workspace / "sites" / site / "models" / "site_model.pt", weights_only=True)
+        assert set(saved) == {"model", "network"} and set(saved["model"]) == set(start)
+        assert saved["network"]["architecture"]["backbone"] == "vit_tiny" and saved["network"]["fingerprint"]
     # FLARE's own transfer log: per round the global model to each site and each site's update back
     moved = summary["server_transfers"]
     assert len(moved["sent"]) == len(moved["received"]) == 4

@@ -29,6 +29,8 @@ logger = logging.getLogger("bundle.fl.client")
 DEFAULT_BUNDLE_ROOT = str(Path(__file__).resolve().parents[2])
 DEFAULT_FILTERS = "bundle/fl/config_filters.json"
 ON_SITE_ERROR = ("abort", "continue")
+#: the site's own model after its last local round, in ``<workdir>/models/``
+SITE_MODEL = "site_model.pt"
 
 
 class SiteError(RuntimeError):
@@ -237,6 +239,7 @@ class SiteRunner:
         }
         self.history.append(stats)
         logger.info("site %s round %s: %s", self.site, input_model.current_round, stats)
+        self.save_local_model()
         if self.args.record:
             import torch
 
@@ -247,6 +250,22 @@ class SiteRunner:
             )
         self.write_summary()
         return output
+
+    def save_local_model(self) -> str:
+        """Save the site's network after this round's local training as a bundle checkpoint (``{"model",
+        "network"}``: the model contract names the network), ``<workdir>/models/site_model.pt``; a site can run it
+        with ``configs/inference.json --weights`` without the federation."""
+        import torch
+
+        from bundle.io import atomic_write
+        from bundle.networks.contract import CONTRACT_KEY
+        from bundle.networks.interface import unwrap
+
+        network = unwrap(self.algo.trainer.network)
+        path = os.path.join(self.workdir, "models", SITE_MODEL)
+        with atomic_write(path) as tmp:
+            torch.save({"model": network.state_dict(), CONTRACT_KEY: network.contract()}, tmp)
+        return path
 
     def write_summary(self, error: str | None = None) -> None:
         os.makedirs(self.workdir, exist_ok=True)
