@@ -39,6 +39,7 @@ __all__ = [
     "LoadMedicalImaged",
     "load_image",
     "ReferenceGeometry",
+    "mask_data",
     "write_mask",
 ]
 
@@ -195,12 +196,13 @@ class ReferenceGeometry:
         self.direction = np.array(itk.array_from_matrix(info.GetDirection()), dtype=np.float64)
 
     def write(self, mask: np.ndarray, path: str | os.PathLike) -> Path:
-        """Write ``mask [X, Y, Z]`` (bool or integer labels < 256) as uint8 to ``path`` atomically."""
+        """Write ``mask [X, Y, Z]`` (bool, or a uint8 / uint16 label map, see :func:`mask_data`) to ``path``
+        atomically."""
         import itk
 
         if tuple(mask.shape) != self.size:
             raise ValueError(f"mask of size {mask.shape} for an image of size {self.size}")
-        image = itk.image_from_array(np.ascontiguousarray(mask.transpose(2, 1, 0)).astype(np.uint8, copy=False))
+        image = itk.image_from_array(np.ascontiguousarray(mask_data(mask).transpose(2, 1, 0)))
         image.SetOrigin(self.origin)
         image.SetSpacing(self.spacing)
         image.SetDirection(itk.matrix_from_array(self.direction))
@@ -210,13 +212,26 @@ class ReferenceGeometry:
         return path
 
 
+def mask_data(mask: np.ndarray) -> np.ndarray:
+    """The array a mask is written as: a bool mask as uint8 0/1, a label map as uint8 (labels up to 255) or uint16."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer) or (mask.size and (mask.min() < 0 or mask.max() > 65535)):
+        raise ValueError(f"a label map must hold integer labels in [0, 65535], got dtype {mask.dtype}")
+    if mask.dtype in (np.uint8, np.uint16):
+        return mask
+    return mask.astype(np.uint8 if not mask.size or mask.max() <= 255 else np.uint16)
+
+
 def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool = False) -> Path:
     """Write ``mask`` (the spatial shape of ``image``) with ``image``'s geometry to ``path`` atomically.
 
-    ``image`` is the MetaTensor the mask belongs to (MONAI's nibabel / ITK writers copy its affine) or a
-    :class:`ReferenceGeometry` of its file (the fast ITK path). PNG masks are written 0/255 (visible) as
-    ``[H, W]``, every other format 0/1; all uint8. ``display``: a 2D display image written as NIfTI (its pixel grid,
-    identity affine).
+    ``mask`` is a bool mask (written 0/1 uint8) or an integer label map (uint8, or uint16 when its dtype is wider
+    than 8 bits: the caller chooses from its largest label). ``image`` is the MetaTensor the mask belongs to (MONAI's
+    nibabel / ITK writers copy its affine) or a :class:`ReferenceGeometry` of its file (the fast ITK path). PNG masks
+    are ``[H, W]``: a bool mask 0/255 (visible), a label map its label values (8 or 16 bit). ``display``: a 2D
+    display image written as NIfTI (its pixel grid, identity affine).
     """
     path = Path(path)
     if isinstance(image, ReferenceGeometry):
@@ -224,19 +239,22 @@ def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool =
     from monai.data import ITKWriter, NibabelWriter
 
     suffix = image_suffix(path.name) or path.suffix
-    data = mask.astype(np.uint8)
+    data = mask_data(mask)
     with atomic_write(path) as tmp:
         if suffix in DISPLAY_SUFFIXES:
             from PIL import Image
 
-            Image.fromarray(data * 255).save(tmp)  # [H, W] as PILReader(reverse_indexing=False) read it
+            picture = data * 255 if mask.dtype == bool else data  # [H, W] as PILReader(reverse_indexing=False) read it
+            Image.fromarray(picture).save(tmp)
         elif display:
             import nibabel as nib
 
             nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp))
         else:
             writer = (
-                NibabelWriter(output_dtype=np.uint8) if suffix in NIFTI_SUFFIXES else ITKWriter(output_dtype=np.uint8)
+                NibabelWriter(output_dtype=data.dtype)
+                if suffix in NIFTI_SUFFIXES
+                else ITKWriter(output_dtype=data.dtype)
             )
             # keep a trailing singleton spatial dim (a single-slice volume) so the data matches its 3D affine
             keep = data.shape[-1] == 1

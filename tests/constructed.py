@@ -67,3 +67,26 @@ class BrightObjectNet(PromptableNetworkMixin, nn.Module):
             out[row] = keep
         logits = torch.from_numpy(np.where(out, 10.0, -10.0)).float()[:, None]
         return logits.to(embedding.device)
+
+
+class CentreWeightedNet(BrightObjectNet):
+    """:class:`BrightObjectNet` whose foreground logits fall with the distance from the box centre (10 at the centre,
+    0.5 at the corners), so where two objects' masks overlap the one whose box centre is nearer is more probable.
+    It records the ``mask_inputs`` it is given (``None`` for a call without)."""
+
+    def __init__(self, image_size: int = 256, threshold: float = 0.5) -> None:
+        super().__init__(image_size, threshold)
+        self.mask_inputs_seen: list[torch.Tensor | None] = []
+
+    def decode_low_res(self, features, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None):
+        self.mask_inputs_seen.append(None if mask_inputs is None else mask_inputs.detach().cpu().clone())
+        logits = super().decode_low_res(features, boxes, points, point_labels, mask_inputs, image_index)
+        if boxes is None:
+            return logits
+        y, x = torch.meshgrid(torch.arange(self.image_size), torch.arange(self.image_size), indexing="ij")
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).cpu()
+        centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        half = torch.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2 + 1
+        distance = torch.hypot(x[None] - centre_x[:, None, None], y[None] - centre_y[:, None, None])
+        weight = (10.0 * (1 - distance / half[:, None, None])).clamp(min=0.5)[:, None].to(logits.device)
+        return torch.where(logits > 0, weight, logits)

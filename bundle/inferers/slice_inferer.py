@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from .cache import EmbeddingCache
 from .volume_prompts import PromptPlan, SlicePrompt
 
 logger = logging.getLogger(__name__)
+
+#: magnitude of the low-res logits a given mask becomes (the decoder's own logits are of this order inside objects)
+MASK_INPUT_LOGIT = 10.0
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -120,6 +124,17 @@ class SliceFrame:
         restored = torch.as_tensor(self._from(logits[:, 0].float(), self.hw, mode="bilinear"))
         return self.to_image(restored)
 
+    def mask_to_low_res(self, mask: np.ndarray, low_res_size: int) -> torch.Tensor:
+        """A slice mask ``[A, B]`` -> low-res logits ``[1, m, m]`` for the decoder's ``mask_inputs``.
+
+        The mask goes to the network frame as an image does (longest side, zero padding), is averaged down to
+        ``m x m`` and mapped to ``MASK_INPUT_LOGIT * (2 * fraction - 1)``: +L inside, -L outside and in the padding.
+        """
+        image = self.to_image(torch.as_tensor(np.asarray(mask, dtype=np.float32))[None])
+        framed = torch.as_tensor(self._to(image, mode="area"))[None]  # [1, 1, S, S]
+        fraction = torch.nn.functional.adaptive_avg_pool2d(framed, low_res_size)[0]
+        return MASK_INPUT_LOGIT * (2.0 * fraction.clamp(0, 1) - 1.0)
+
 
 class PromptedSliceInferer:
     """Slice-wise prompted inference with a :class:`bundle.networks.SAMUNet` (any configuration).
@@ -142,6 +157,9 @@ class PromptedSliceInferer:
         transpose_slices: show a volume slice ``[A, B]`` to the network as rows = b, columns = a (the radiological
             display of an ITK-loaded axial slice). Default ``False``: rows = a, as the data pipeline's
             ``bundle.data.volumes.take_slice`` makes the training slices, so inference sees what training saw.
+        mask_inputs: feed a prompt's existing mask (a mask prompt's slice, or earlier low-res logits) to the decoder as
+            ``mask_inputs``. Off by default: with LiteMedSAM's decoder (trained on boxes) it lowers Dice (see
+            docs/benchmarks.md); weights trained with the previous mask fed back use it.
 
     Input volumes are ``[A, B, K]`` (grey) or ``[3, A, B, K]`` (RGB) float arrays already intensity-normalised to
     [0, 255] for their modality (the data pipeline's ``ModalityNormalize``), with slices along the last axis; a
@@ -159,6 +177,7 @@ class PromptedSliceInferer:
         amp: bool = True,
         device: str | torch.device | None = None,
         transpose_slices: bool = False,
+        mask_inputs: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -175,6 +194,7 @@ class PromptedSliceInferer:
         self.amp = amp and self.device.type == "cuda"
         self.image_size = int(network.image_size)
         self.transpose = transpose_slices
+        self.mask_inputs = bool(mask_inputs)
         self.stats = {"encoded": 0, "decoded": 0, "encode_s": 0.0, "decode_s": 0.0}
 
     @torch.no_grad()
@@ -241,26 +261,36 @@ class PromptedSliceInferer:
                 found[k] = features
         return [found[k] for k in indices]
 
+    def mask_input(self, prompt: SlicePrompt, frame: SliceFrame) -> torch.Tensor | None:
+        """The ``mask_inputs`` row ``[1, m, m]`` of a prompt (its ``mask_logits``, else its ``mask``), or ``None`` when
+        it has neither or the ``mask_inputs`` switch is off."""
+        if not self.mask_inputs:
+            return None
+        size = int(self.network.mask_input_size)
+        if prompt.mask_logits is not None:
+            logits = torch.as_tensor(prompt.mask_logits, dtype=torch.float32).reshape(1, size, size)
+            return logits
+        if prompt.mask is not None:
+            return frame.mask_to_low_res(prompt.mask, size)
+        return None
+
     @torch.no_grad()
-    def decode(
-        self, features: list[dict], prompts: list[SlicePrompt], frame: SliceFrame, mask_inputs=None
-    ) -> torch.Tensor:
-        """Decode one prompt per slice (all slices in one batch); returns slice-grid logits ``[N, A, B]``."""
-        boxes = [p.box for p in prompts]
-        use_boxes = any(b is not None for b in boxes)
-        if use_boxes and not all(b is not None for b in boxes):
-            # mixed batch: decode in two groups to keep prompt tensors rectangular
-            with_box = [n for n, b in enumerate(boxes) if b is not None]
-            without = [n for n, b in enumerate(boxes) if b is None]
-            out = [None] * len(prompts)
-            for group in (with_box, without):
+    def decode(self, features: list[dict], prompts: list[SlicePrompt], frame: SliceFrame) -> torch.Tensor:
+        """Decode one prompt per slice (rows of the same prompt kinds in one batch); slice-grid logits ``[N, A, B]``."""
+        masks = [self.mask_input(p, frame) for p in prompts]
+        kinds = [(p.box is not None, m is not None) for p, m in zip(prompts, masks)]
+        if len(set(kinds)) > 1:  # decode each kind of row on its own to keep the prompt tensors rectangular
+            out: list[torch.Tensor | None] = [None] * len(prompts)
+            for kind in dict.fromkeys(kinds):
+                group = [n for n, k in enumerate(kinds) if k == kind]
                 logits = self.decode([features[n] for n in group], [prompts[n] for n in group], frame)
                 for n, row in zip(group, logits):
                     out[n] = row
             return torch.stack(out)
         kwargs = {}
-        if use_boxes:
-            kwargs["boxes"] = torch.tensor(np.stack([frame.box_to_network(b) for b in boxes]), dtype=torch.float32)
+        if prompts[0].box is not None:
+            boxes = np.stack([frame.box_to_network(p.box) for p in prompts])
+            kwargs["boxes"] = torch.tensor(boxes, dtype=torch.float32)
         n_points = max(len(p.points) for p in prompts)
         if n_points:
             pts = np.zeros((len(prompts), n_points, 2), dtype=np.float32)
@@ -270,8 +300,8 @@ class PromptedSliceInferer:
                     pts[n, : len(p.points)] = frame.coords_to_network(np.array(p.points))
                     labels[n, : len(p.points)] = p.labels
             kwargs["points"], kwargs["point_labels"] = torch.from_numpy(pts), torch.from_numpy(labels)
-        if mask_inputs is not None:
-            kwargs["mask_inputs"] = mask_inputs
+        if masks[0] is not None:
+            kwargs["mask_inputs"] = torch.stack(masks).to(self.device)
         batch = {name: torch.stack([f[name] for f in features]).to(self.device) for name in features[0]}
         t0 = time.perf_counter()
         with self._autocast():
@@ -321,75 +351,168 @@ class PromptedSliceInferer:
     def segment_volume(
         self, volume: np.ndarray, plan: PromptPlan, image_id="volume"
     ) -> tuple[np.ndarray, list[SliceResult]]:
-        """Segment ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``, slices along the last axis) following ``plan``.
+        """Segment one object of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``, slices along the last axis) following
+        ``plan``; returns the boolean mask ``[A, B, K]`` and one :class:`SliceResult` per decoded slice, in slice order.
+        See :meth:`segment_objects`."""
+        labels, (results,) = self.segment_objects(volume, [plan], image_id=image_id)
+        return labels > 0, results
 
-        Returns the boolean mask ``[A, B, K]`` and one :class:`SliceResult` per prompted slice, in slice order.
-        Seeds (explicit prompts) are decoded first; with ``plan.propagate`` the mask is then carried slice by slice
-        from the seeds outwards, each slice prompted with the box of its neighbour's mask plus ``margin``, until the
-        mask vanishes or the volume ends. Slices are encoded ``batch_size`` at a time ahead of the propagation front.
+    def segment_objects(
+        self, volume: np.ndarray, plans: list[PromptPlan], image_id="volume", labels: list[int] | None = None
+    ) -> tuple[np.ndarray, list[list[SliceResult]]]:
+        """Segment several objects of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``) into one label map.
+
+        Object ``n`` follows ``plans[n]`` and is written with ``labels[n]`` (default ``n + 1``); where objects overlap,
+        the voxel goes to the object with the higher probability (logit), ties to the earlier object. Each object is
+        segmented as it would be alone: its seeds (explicit prompts) are decoded; with ``plan.propagate`` its mask is
+        carried slice by slice from the seeds outwards, each slice prompted with the box of the object's own mask on
+        its neighbour plus ``margin``, until the mask vanishes or the volume ends. All objects move through the
+        volume together, in one pass upwards (seeds and upward propagation) and one downwards, so a slice is encoded
+        once per pass for all of them (``batch_size`` slices per encoder call, ahead of the fronts) and a slice both
+        passes need is taken from the embedding cache. Each object's rows are decoded in batches of their own, so an
+        object's mask does not depend on the others. Returns the label map ``[A, B, K]`` (uint8, or uint16 for labels over 255) and, per object, one
+        :class:`SliceResult` per decoded slice in slice order.
+        """
+        plans = list(plans)
+        labels = list(range(1, len(plans) + 1)) if labels is None else [int(v) for v in labels]
+        if not plans or len(labels) != len(plans):
+            raise ValueError(f"expected one label per plan, got {len(plans)} plans and labels {labels}")
+        if any(not 1 <= v <= 65535 for v in labels):
+            raise ValueError(f"labels must lie in [1, 65535], got {labels}")
+        num = volume.shape[-1]
+        if any(p.axis != plans[0].axis or p.num_slices != num for p in plans):
+            raise ValueError(f"every plan must take the {num} slices of the volume along one axis")
+        frame = SliceFrame(volume.shape[-3:-1], self.image_size, self.transpose)
+        tracks = [_Track(plan, label, index) for index, (plan, label) in enumerate(zip(plans, labels))]
+        canvas = _LabelCanvas(volume.shape[-3:], max(labels), several=len(tracks) > 1)
+        sweep = partial(self._sweep, volume, canvas=canvas, frame=frame, image_id=image_id, axis=plans[0].axis)
+        sweep(tracks, direction=1, with_seeds=True)  # the seeds, and propagation upwards from the lowest ones
+        propagating = [t for t in tracks if t.plan.propagate]
+        if propagating:
+            sweep(propagating, direction=-1, with_seeds=False)  # propagation downwards from the highest seeds
+        return canvas.labels, [[t.results[k] for k in sorted(t.results)] for t in tracks]
+
+    def _commit(self, track, result: SliceResult, logits: torch.Tensor, row: np.ndarray, canvas, frame) -> None:
+        track.results[result.index] = result
+        track.boxes[result.index] = self.box_from_mask(row, frame)
+        canvas.paint(result.index, row, logits, track)
+
+    def _decode_seeds(self, track, slices: list[int], features: dict, canvas, frame) -> None:
+        """Decode one object's explicit prompts on ``slices`` (one batch)."""
+        prompts = [track.plan.seeds[k] for k in slices]
+        for k, s, row_logits in zip(slices, prompts, self.decode([features[k] for k in slices], prompts, frame)):
+            row = (row_logits > 0).cpu().numpy()
+            result = SliceResult(
+                k, s.box, list(s.points), list(s.labels), int(row.sum()), score=_score(row_logits, row)
+            )
+            self._commit(track, result, row_logits, row, canvas, frame)
+
+    def _propagate_to(self, volume, track, k: int, box, features: dict, canvas, frame) -> tuple | None:
+        """Decode slice ``k`` of one object with the box from its neighbour; returns the box for the next slice."""
+        logits = self.decode([features], [SlicePrompt(box=box)], frame)[0]
+        row = (logits > 0).cpu().numpy()
+        result = SliceResult(k, box, area=int(row.sum()), propagated=True, score=_score(logits, row))
+        result.contrast = self.contrast(volume[..., k], row, frame)
+        if result.area < self.min_area:
+            result.stopped = "vanished"
+        elif result.contrast < self.min_contrast:
+            result.stopped = "no contrast"
+            row = np.zeros_like(row)
+        self._commit(track, result, logits, row, canvas, frame)
+        return None if result.stopped else track.boxes[k]
+
+    def _sweep(self, volume, tracks, canvas, frame, image_id, axis, direction: int, with_seeds: bool) -> None:
+        """One pass through the slices in ``direction`` for all ``tracks`` together.
+
+        With ``with_seeds`` the objects' explicit prompts are decoded as the pass reaches them. A propagating object's
+        front starts at its first seed in this direction (its lowest going up, its highest going down); a slice the
+        object already has restarts the front from it, a vanished front jumps to the object's next seed. Slices are
+        encoded ``batch_size`` at a time ahead of the fronts, once for every object that needs them.
         """
         num = volume.shape[-1]
-        frame = SliceFrame(volume.shape[-3:-1], self.image_size, self.transpose)
-        mask = np.zeros(volume.shape[-3:], dtype=bool)
-        results: dict[int, SliceResult] = {}
-        seeds = plan.seeds
-        # 1. explicit prompts, batched
-        keys = list(seeds)
         step = self.batch_size  # fixed here: _encode may lower self.batch_size on out-of-memory
-        for start in range(0, len(keys), step):
-            chunk = keys[start : start + step]
-            features = self.features_for(volume, chunk, image_id, plan.axis, frame)
-            logits = self.decode(features, [seeds[k] for k in chunk], frame)
-            for k, row_logits in zip(chunk, logits):
-                row = (row_logits > 0).cpu().numpy()
-                mask[..., k] = row
-                s = seeds[k]
-                results[k] = SliceResult(
-                    k, s.box, list(s.points), list(s.labels), int(row.sum()), score=_score(row_logits, row)
-                )
-        # 2. propagation outwards from the seeds (also through gaps between seeds)
-        if plan.propagate:
-            lo, hi = plan.seed_range
-            for direction, begin, end in ((1, lo, num), (-1, hi, -1)):
-                self._propagate(volume, mask, results, seeds, frame, image_id, plan.axis, begin, end, direction)
-        return mask, [results[k] for k in sorted(results)]
+        pending = {t.index: set(t.plan.seeds) if with_seeds else set() for t in tracks}
+        begins = {t.index: (min(t.plan.seeds) if direction > 0 else max(t.plan.seeds)) for t in tracks}
+        fronts: dict[int, tuple | None] = {}  # object index -> the box for its next slice (None: vanished)
+        done = {t.index for t in tracks if not t.plan.propagate}
+        window: dict[int, dict] = {}  # encoded slices ahead of the fronts
 
-    def _propagate(self, volume, mask, results, seeds, frame, image_id, axis, begin, end, direction) -> None:
-        k = begin
-        box = self.box_from_mask(mask[..., k], frame)
-        k += direction
-        while k != end:
-            if k in results:  # a seed (or already done): restart the front from it
-                box = self.box_from_mask(mask[..., k], frame)
-                k += direction
-                continue
-            if box is None:
-                # the mask vanished: jump to the next seed in this direction, if any
-                ahead = [s for s in seeds if (s - k) * direction > 0]
-                if not ahead:
-                    return
-                k = min(ahead, key=lambda s: abs(s - k))
-                continue
-            # encode a batch of slices ahead of the front (stopping before the next seed)
-            ahead = []
-            j = k
-            while j != end and len(ahead) < self.batch_size and j not in results:
-                ahead.append(j)
+        def started(t, j) -> bool:
+            return t.index not in done and (j - begins[t.index]) * direction > 0
+
+        def needed(j) -> bool:
+            return any(j in pending[t.index] or (started(t, j) and j not in t.results) for t in tracks)
+
+        def fill_window(k) -> dict:
+            ahead, j = [], k
+            while 0 <= j < num and len(ahead) < step:
+                if needed(j):
+                    ahead.append(j)
                 j += direction
-            batch = dict(zip(ahead, self.features_for(volume, ahead, image_id, axis, frame)))
-            for j in ahead:
-                if box is None:
-                    break
-                logits = self.decode([batch[j]], [SlicePrompt(box=box)], frame)[0]
-                row = (logits > 0).cpu().numpy()
-                result = SliceResult(j, box, area=int(row.sum()), propagated=True, score=_score(logits, row))
-                result.contrast = self.contrast(volume[..., j], row, frame)
-                if result.area < self.min_area:
-                    result.stopped = "vanished"
-                elif result.contrast < self.min_contrast:
-                    result.stopped = "no contrast"
-                    row = np.zeros_like(row)
-                mask[..., j] = row
-                results[j] = result
-                box = None if result.stopped else self.box_from_mask(row, frame)
-                k = j + direction
+            features = dict(zip(ahead, self.features_for(volume, ahead, image_id, axis, frame)))
+            for t in tracks:  # the explicit prompts on these slices, each object's rows in one batch
+                mine = [j for j in ahead if j in pending[t.index]]
+                if mine:
+                    self._decode_seeds(t, mine, features, canvas, frame)
+                    pending[t.index].difference_update(mine)
+            return features
+
+        # the pass starts on the first seed (with_seeds) or on the slice after it
+        first = (min if direction > 0 else max)(begins.values()) + (0 if with_seeds else direction)
+        for k in range(first, num if direction > 0 else -1, direction):
+            if any(k in p for p in pending.values()) and k not in window:
+                window = fill_window(k)
+            todo = []
+            for t in tracks:
+                if not started(t, k):
+                    continue
+                if k - direction == begins[t.index]:
+                    fronts[t.index] = t.boxes[begins[t.index]]
+                if k in t.results:  # a seed (or done in the other direction): restart the front from it
+                    fronts[t.index] = t.boxes[k]
+                elif fronts[t.index] is not None:
+                    todo.append(t)
+                elif not any((s - k) * direction > 0 for s in t.plan.seeds):
+                    done.add(t.index)  # vanished, and no seed ahead to restart from
+            if todo:
+                if k not in window:
+                    window = fill_window(k)
+                for t in todo:
+                    fronts[t.index] = self._propagate_to(volume, t, k, fronts[t.index], window[k], canvas, frame)
+            elif len(done) == len(tracks) and not any(pending.values()):
+                return
+
+
+@dataclass
+class _Track:
+    """One object's progress through a volume: its plan, label, decoded slices and the box of its mask on each."""
+
+    plan: PromptPlan
+    label: int
+    index: int
+    results: dict[int, SliceResult] = field(default_factory=dict)
+    boxes: dict[int, tuple | None] = field(default_factory=dict)
+
+
+class _LabelCanvas:
+    """The label map being painted: each object's slice masks, the higher logit winning where objects overlap."""
+
+    def __init__(self, shape: tuple[int, ...], max_label: int, several: bool) -> None:
+        self.labels = np.zeros(shape, dtype=np.uint8 if max_label <= 255 else np.uint16)
+        self.several = several
+        self.best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slice -> (winning logit, winning object index)
+
+    def paint(self, k: int, row: np.ndarray, logits: torch.Tensor, track: _Track) -> None:
+        if not row.any():
+            return
+        target = self.labels[..., k]
+        if not self.several:
+            target[row] = track.label
+            return
+        if k not in self.best:
+            self.best[k] = (np.full(row.shape, -np.inf, np.float32), np.full(row.shape, -1, np.int32))
+        best, owner = self.best[k]
+        values = logits.float().cpu().numpy()
+        win = row & ((values > best) | ((values == best) & (owner > track.index)))
+        best[win], owner[win] = values[win], track.index
+        target[win] = track.label

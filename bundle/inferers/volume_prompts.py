@@ -14,16 +14,25 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 PROMPT_KEYS = ("box", "slice_box", "slice_index", "points", "point_labels")
 
 
 @dataclass
 class SlicePrompt:
-    """Prompts on one slice in in-plane voxel coordinates ``(a, b)`` (the two array axes other than the slice axis)."""
+    """Prompts on one slice in in-plane voxel coordinates ``(a, b)`` (the two array axes other than the slice axis).
+
+    ``mask`` is an existing mask of the object on this slice (bool ``[A, B]``, the slice grid), ``mask_logits`` the
+    decoder's own low-res logits ``[m, m]`` of an earlier pass (network frame); the inferer feeds one of them to the
+    decoder as ``mask_inputs`` when its ``mask_inputs`` switch is on (``mask_logits`` first).
+    """
 
     box: tuple[int, int, int, int] | None = None  # a0, b0, a1, b1 inclusive
     points: list[tuple[int, int]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    mask: np.ndarray | None = None
+    mask_logits: Any = None  # torch.Tensor [m, m]
 
 
 @dataclass
