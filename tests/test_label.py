@@ -34,6 +34,9 @@ IMAGE_ID = "lung1_crop"
 ROI = [34, 61, 33, 62, 2, 4]
 SLICE = 3
 CLICK = [47, 47, SLICE]
+# a second region outlined by hand: the vertebral body at the crop's corner, slices 2-4
+VERTEBRA = [66, 95, 58, 95, 2, 4]
+LABELS = {"tumour": 1, "vertebra": 2}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def server(tmp_path_factory, test_data_dir):
     root = tmp_path_factory.mktemp("label")
     studies = root / "studies"
     studies.mkdir()
-    srv = LabelServer(studies, root / "work", conf={"threads": "1"})
+    srv = LabelServer(studies, root / "work", conf={"threads": "1", "labels": json.dumps(LABELS)})
     try:
         srv.start()
         yield srv
@@ -135,11 +138,14 @@ def test_3d_mode_segments_every_slice_of_the_box(client, image_id, test_data_dir
     assert in_roi(mask) and set(np.nonzero(mask)[2]) == {2, 3, 4}
 
 
-def cli_mask(image: Path, modality: str, slice_box, slice_index: int, out: Path) -> np.ndarray:
+def cli_mask(image: Path, modality: str, slice_box, slice_index: int, out: Path, prompt=None) -> np.ndarray:
     """The same prompt through ``python -m monai.bundle run --config_file configs/inference.json``."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     command += ["--input_image", str(image), "--modality", modality, "--output_dir", str(out)]
-    command += ["--slice_box", json.dumps(slice_box), "--slice_index", str(slice_index)]
+    if prompt is None:
+        command += ["--slice_box", json.dumps(slice_box), "--slice_index", str(slice_index)]
+    else:
+        command += prompt
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -162,6 +168,62 @@ def test_3d_one_slice_box_propagates_as_the_cli_does(client, image_id, test_data
     assert len(result["slices"]) > 1 and len(set(np.nonzero(served)[2].tolist())) > 1
     expected = cli_mask(test_data_dir / "lung1_crop_image.nrrd", "ct", [34, 33, 61, 62], SLICE, tmp_path)
     assert np.array_equal(served, expected)
+
+
+def test_objects_named_by_label_return_a_multi_label_volume(server, client, image_id, test_data_dir):
+    """Two named objects in one request: one label map with the configured values, ``label_names`` as 3D Slicer
+    imports them (value n -> the n-th name by value), each object as the server segments it alone."""
+    info = client.info()
+    assert info["models"]["sam_unet"]["labels"] == LABELS and info["labels"] == ["tumour", "vertebra"]
+    objects = [{"roi": VERTEBRA, "label": "vertebra"}, {"roi": ROI, "label": "tumour"}]
+    path, result = client.infer("sam_unet", image_id, {"objects": objects, "mode": "3d"})
+    assert geometry(path) == geometry(test_data_dir / "lung1_crop_image.nrrd")
+    labels = mask_xyz(path)
+    assert set(np.unique(labels)) == {0, 1, 2} and result["label_names"] == LABELS
+    assert sorted(result["label_names"], key=result["label_names"].get) == ["tumour", "vertebra"]
+    assert {o["name"]: o["voxels"] for o in result["objects"]} == {
+        n: int((labels == v).sum()) for n, v in LABELS.items()
+    }
+    assert in_roi(labels == 1) and result["encoded_slices"] <= 3  # slices 2-4 encoded once for both objects
+    x, y, z = np.nonzero(labels == 2)
+    assert x.min() >= VERTEBRA[0] and y.min() >= VERTEBRA[2] and set(z.tolist()) <= {2, 3, 4}
+    alone_path, alone = client.infer("sam_unet", image_id, {"roi": ROI, "mode": "3d", "label": "tumour"})
+    tumour_alone = mask_xyz(alone_path)
+    assert alone["label_names"] == {"tumour": 1} and set(np.unique(tumour_alone)) == {0, 1}
+    np.testing.assert_array_equal(labels == 1, (tumour_alone == 1) & (labels != 2))
+
+
+def test_label_upload_is_propagated_as_the_cli_mask_prompt(client, image_id, test_data_dir, tmp_path):
+    """An uploaded label (the tumour on its middle slice) seeds that slice with its box and propagates beyond it in
+    3d mode; the server's answer equals ``--mask_prompt`` on the command line."""
+    label = itk.imread(str(test_data_dir / "lung1_crop_label.nrrd"))
+    array = itk.array_from_image(label)  # [z, y, x]
+    array[[k for k in range(array.shape[0]) if k != SLICE]] = 0
+    upload = itk.image_from_array(np.ascontiguousarray(array))
+    upload.CopyInformation(label)
+    itk.imwrite(upload, str(tmp_path / "middle.nrrd"))
+    path, result = client.infer("sam_unet", image_id, {"mode": "3d"}, label_in=str(tmp_path / "middle.nrrd"))
+    served = mask_xyz(path)
+    assert result["label_names"] == LABELS and set(np.unique(served)) == {0, 1}
+    assert set(np.nonzero(served)[2].tolist()) == {2, 3, 4}  # beyond the one slice it covers
+    prompt = ["--mask_prompt", str(tmp_path / "middle.nrrd")]
+    expected = cli_mask(test_data_dir / "lung1_crop_image.nrrd", "ct", None, None, tmp_path / "cli", prompt=prompt)
+    np.testing.assert_array_equal(served, expected)
+
+
+def test_bad_label_upload_gets_422_before_inference(server, image_id, tmp_path):
+    small = itk.image_from_array(np.ones((4, 10, 10), np.uint8))
+    itk.imwrite(small, str(tmp_path / "small.nrrd"))
+    with open(tmp_path / "small.nrrd", "rb") as f:
+        response = requests.post(
+            f"{server.url}/infer/sam_unet",
+            params={"image": IMAGE_ID},
+            data={"params": json.dumps({"mode": "3d"})},
+            files={"label": ("small.nrrd", f)},
+            timeout=600,
+        )
+    assert response.status_code == 422, response.text
+    assert "mask of size [10, 10, 4] for an image of size [96, 96, 8]" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(

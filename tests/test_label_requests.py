@@ -1,5 +1,6 @@
 """MONAI Label request fields -> prompt plans (bundle.label.requests); needs no MONAI Label and no network."""
 
+import numpy as np
 import pytest
 
 from bundle.label.requests import RequestError, parse_request
@@ -69,3 +70,79 @@ def test_bad_requests_raise_request_error_naming_the_problem(request_fields, mes
     with pytest.raises(RequestError, match=None) as info:
         parse_request(request_fields, SHAPE)
     assert message in str(info.value) and 400 <= info.value.status < 500
+
+
+# ---------------------------------------------------------------------------------------------- labels and objects
+LABELS = {"tumour": 1, "organ": 2}
+
+
+def test_one_label_request_is_answered_as_a_0_1_mask_named_by_its_label():
+    parsed = parse_request({"roi": [10, 20, 10, 20, 3, 3]}, SHAPE, labels=LABELS)
+    assert not parsed.label_map and parsed.labels == [1] and parsed.label_names == {"tumour": 1}
+    parsed = parse_request({"roi": [10, 20, 10, 20, 3, 3], "label": "organ"}, SHAPE, labels=LABELS)
+    assert parsed.labels == [1] and parsed.label_names == {"organ": 1}  # Slicer: value 1 -> the selected segment
+    assert parse_request({"foreground": [[5, 5, 3]], "label": 2}, SHAPE, labels=LABELS).label_names == {"organ": 1}
+
+
+def test_objects_name_the_label_of_each_box_and_answer_a_label_map():
+    request = {
+        "objects": [
+            {"roi": [10, 20, 10, 20, 2, 4], "label": "organ"},
+            {"roi": [50, 60, 50, 60, 3, 3], "foreground": [[55, 55, 3]], "label": "tumour"},
+        ],
+        "mode": "3d",
+    }
+    parsed = parse_request(request, SHAPE, labels=LABELS)
+    assert parsed.label_map and parsed.labels == [2, 1] and parsed.label_names == {"tumour": 1, "organ": 2}
+    assert sorted(parsed.plans[0].seeds) == [2, 3, 4] and parsed.plans[1].propagate
+    assert parsed.plans[1].seeds[3].points == [(55, 55)]
+
+
+def test_label_upload_is_a_mask_prompt_of_each_label():
+    mask = np.zeros(SHAPE, np.uint16)
+    mask[10:20, 12:18, 2:4] = 1
+    mask[50:60, 50:58, 5] = 2
+    parsed = parse_request({"mode": "3d"}, SHAPE, labels=LABELS, mask=mask)
+    assert parsed.label_map and parsed.labels == [1, 2] and all(plan.propagate for plan in parsed.plans)
+    assert sorted(parsed.plans[0].seeds) == [2, 3] and parsed.plans[0].seeds[2].box == (10, 12, 19, 17)
+    parsed = parse_request({"slice": 2}, SHAPE, labels=LABELS, mask=mask)  # 2d: the slice only
+    assert parsed.labels == [1] and list(parsed.plans[0].seeds) == [2] and not parsed.plans[0].propagate
+    one = (mask == 1).astype(np.uint16)
+    parsed = parse_request({"foreground": [[12, 14, 2]], "mode": "3d"}, SHAPE, labels=LABELS, mask=one)
+    assert parsed.plans[0].seeds[2].points == [(12, 14)] and parsed.plans[0].seeds[2].box == (10, 12, 19, 17)
+
+
+@pytest.mark.parametrize(
+    "fields, mask, message",
+    [
+        ({"roi": [1, 5, 1, 5, 1, 1], "label": "bone"}, None, "label 'bone' is not one of the server's labels"),
+        ({"objects": [{"roi": [1, 5, 1, 5, 1, 1]}]}, None, "objects[0]: no label"),
+        ({"objects": [{"roi": [1, 5, 1, 5, 1, 1], "label": "tumour", "colour": 1}]}, None, "unknown fields"),
+        ({"objects": [{"roi": [1, 500, 1, 5, 1, 1], "label": "tumour"}]}, None, "objects[0]: roi corner"),
+        ({"objects": [], "roi": [1, 5, 1, 5, 1, 1]}, None, "either in objects or at the top level"),
+        ({"objects": "all"}, None, "objects must be a non-empty list"),
+        ({}, "three", "values [3] are not labels of the server"),
+        ({"roi": [1, 5, 1, 5, 1, 1]}, "one", "a roi or a label upload"),
+        ({"foreground": [[12, 14, 2]]}, "two", "clicks need a single-label upload"),
+    ],
+)
+def test_bad_labels_objects_and_uploads(fields, mask, message):
+    masks = {"one": np.zeros(SHAPE, np.uint16), "two": np.zeros(SHAPE, np.uint16), "three": np.zeros(SHAPE, np.uint16)}
+    masks["one"][1:3, 1:3, 2] = 1
+    masks["two"][1:3, 1:3, 2], masks["two"][5:7, 5:7, 2] = 1, 2
+    masks["three"][1:3, 1:3, 2] = 3
+    with pytest.raises(RequestError) as info:
+        parse_request(fields, SHAPE, labels=LABELS, mask=masks.get(mask))
+    assert message in str(info.value) and info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [({"a": 1, "b": 3}, "must be 1..2"), ({"a": 0}, "must be 1..1"), ({"": 1}, "non-empty"), ([1], "JSON object")],
+)
+def test_label_configuration_must_be_one_to_n(labels, message):
+    from bundle.label.requests import check_label_names
+
+    with pytest.raises(ValueError, match=message):
+        check_label_names(labels)
+    assert check_label_names({"organ": 2, "tumour": 1}) == {"tumour": 1, "organ": 2}

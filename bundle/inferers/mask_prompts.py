@@ -31,9 +31,12 @@ MAX_LABEL = 65535
 MAX_MASK_OBJECTS = 255
 
 
-def check_label_map(values, spatial_shape: Sequence[int], source: str = "mask") -> np.ndarray:
+def check_label_map(
+    values, spatial_shape: Sequence[int], source: str = "mask", allow_empty: bool = False
+) -> np.ndarray:
     """``values`` (the mask's array, the image's spatial shape) as a uint16 label map; ``ValueError`` naming
-    ``source`` unless it is a non-empty label map of integers in [0, 65535] of exactly ``spatial_shape``."""
+    ``source`` unless it is a label map of integers in [0, 65535] of exactly ``spatial_shape``, and not empty (unless
+    ``allow_empty``: a ground truth may be)."""
     array = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values)
     shape = tuple(int(s) for s in spatial_shape)
     if tuple(array.shape) != shape:
@@ -61,7 +64,7 @@ def check_label_map(values, spatial_shape: Sequence[int], source: str = "mask") 
         raise ValueError(
             f"{source}: label {int(high)} is over {MAX_LABEL}, the largest label a uint16 label map can hold"
         )
-    if high == 0:
+    if high == 0 and not allow_empty:
         raise ValueError(f"{source}: the mask is empty (no non-zero voxel): nothing to take a prompt from")
     return array.astype(np.uint16)
 
@@ -82,8 +85,9 @@ def load_mask_prompt(
     spatial_shape: Sequence[int],
     slice_index: int | None = None,
     axis: int = -1,
+    allow_empty: bool = False,
 ) -> np.ndarray:
-    """Read a mask prompt file as a uint16 label map of the image's ``spatial_shape``.
+    """Read a mask prompt file (or a ground truth, ``allow_empty``) as a uint16 label map of ``spatial_shape``.
 
     The file is read as the image is (:func:`bundle.io.load_image`), so both arrays index the same voxels. A 2D display
     mask whose only non-zero value is 255 is one object (label 1). A 2D mask for a volume is placed on slice
@@ -124,7 +128,7 @@ def load_mask_prompt(
         raise ValueError(
             f"{path}: slice_index applies to a 2D mask of a volume; this mask has size {list(array.shape)}"
         )
-    return check_label_map(array, shape, path)
+    return check_label_map(array, shape, path, allow_empty)
 
 
 def mask_label_names(path: str | os.PathLike) -> dict[int, str]:

@@ -8,12 +8,16 @@
 2. the image is loaded and normalised for its modality as the CLI does it (:func:`bundle.inferers.normalized_volume`)
    and kept in a memory-bounded LRU cache keyed by its path, size and modification time (a click does not re-read
    the file);
-3. the request's ``foreground`` / ``background`` clicks, ``roi`` boxes, ``slice`` and ``mode`` are validated and
-   planned (:mod:`bundle.label.requests`); anything wrong is a :class:`RequestError` (HTTP 4xx);
-4. the inferer segments the planned slices; its embedding cache keeps every encoded slice, so a further click on an
-   encoded slice only runs the prompt encoder and mask decoder;
-5. the mask is written with the image's geometry (:func:`bundle.io.write_mask`, the fast ITK path) to a temporary
-   file that MONAI Label sends back and deletes. Nothing in the datastore is written.
+3. the request's ``foreground`` / ``background`` clicks, ``roi`` boxes, ``slice``, ``mode``, ``label`` and
+   ``objects``, and an uploaded ``label`` file (a mask prompt), are validated and planned
+   (:mod:`bundle.label.requests`); anything wrong is a :class:`RequestError` (HTTP 4xx);
+4. the inferer segments every object of the request together (:meth:`PromptedSliceInferer.segment_objects`); its
+   embedding cache keeps every encoded slice, so a further click on an encoded slice only runs the prompt encoder
+   and mask decoder;
+5. the answer (a 0/1 mask for one label, a label map of the configured labels for ``objects`` or a label upload) is
+   written with the image's geometry (:func:`bundle.io.write_mask`, the fast ITK path) to a temporary file that
+   MONAI Label sends back and deletes; ``label_names`` in the JSON part names its values. Nothing in the datastore
+   is written.
 
 Weights: the config's ``weights`` (default LiteMedSAM) until the app's train task publishes a checkpoint
 (``<app>/model/<name>.pt``); before every request the task checks that file, and when it changes it rebuilds the
@@ -36,10 +40,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from bundle.config import BUNDLE_ROOT, bundle_parser
-from bundle.inferers import MemoryCache, PromptedSliceInferer, normalized_volume, to_slices
+from bundle.inferers import MemoryCache, PromptedSliceInferer, load_mask_prompt, normalized_volume, to_slices
 from bundle.io import LABEL_SUFFIXES, VOLUME_SUFFIXES, ReferenceGeometry, load_image, write_mask
 
-from .requests import RequestError, parse_request
+from .requests import DEFAULT_LABELS, RequestError, check_label_names, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class SAMUNetInferTask(BasicInferTask):
             the image metadata, then ``default_modality``.
         volume_cache_bytes: memory budget of the loaded-volume cache.
         default_mode: ``"2d"`` or ``"3d"`` when a request does not say.
+        labels: the labels served, ``{name: value}`` with values 1..N (3D Slicer lists them as segments).
         allowed_roots: folders an infer request may read an image path from (the datastore); other paths are
             refused with 403.
     """
@@ -85,16 +90,17 @@ class SAMUNetInferTask(BasicInferTask):
         default_modality: str | None = "ct",
         volume_cache_bytes: int = 1 << 29,
         default_mode: str = "2d",
-        label_name: str = "lesion",
+        labels: dict[str, int] | None = None,
         allowed_roots: list[str] | None = None,
         preload: bool = True,
         description: str = "SAM-UNet interactive segmentation (clicks and boxes, cached slice embeddings)",
     ) -> None:
+        labels = check_label_names(labels or DEFAULT_LABELS)
         super().__init__(
             path=None,
             network=None,
             type=InferType.DEEPGROW,
-            labels={label_name: 1},
+            labels=labels,
             dimension=3,
             description=description,
             config={"mode": ["2d", "3d"], "result_extension": list(LABEL_SUFFIXES)},
@@ -163,17 +169,17 @@ class SAMUNetInferTask(BasicInferTask):
             self._inferer.cache.clear()
 
     # -------------------------------------------------------------------------------------------------------- image
-    def _check_path(self, path: str) -> str:
+    def _check_path(self, path: str, what: str = "image") -> str:
         if not isinstance(path, str) or not path:
             raise RequestError("no image: give the id of an image in the datastore (or upload a file)", status=404)
         real = os.path.realpath(path)
         if not os.path.isfile(real):
-            raise RequestError(f"image {path!r} not found", status=404)
+            raise RequestError(f"{what} {path!r} not found", status=404)
         if self.allowed_roots and not any(real == r or real.startswith(r + os.sep) for r in self.allowed_roots):
-            raise RequestError(f"image path {path!r} is outside the datastore; give an image id", status=403)
+            raise RequestError(f"{what} path {path!r} is outside the datastore; give an image id", status=403)
         if not real.lower().endswith(VOLUME_SUFFIXES):
             raise RequestError(
-                f"image {os.path.basename(path)!r}: expected a volume file ({', '.join(VOLUME_SUFFIXES)})", status=415
+                f"{what} {os.path.basename(path)!r}: expected a volume file ({', '.join(VOLUME_SUFFIXES)})", status=415
             )
         return real
 
@@ -233,47 +239,45 @@ class SAMUNetInferTask(BasicInferTask):
             mode = self.default_mode
 
         image, volume, used_modality, key, geometry = self.load_volume(image_path, modality)
+        request, mask = self._label_upload(request, volume.shape)
         t_loaded = time.perf_counter()
-        parsed = parse_request({**request, "mode": mode}, volume.shape, self.default_mode)
+        parsed = parse_request({**request, "mode": mode}, volume.shape, self.default_mode, self.labels, mask)
 
         with self._lock:  # one request at a time on the network (the cache and inferer state are shared)
             inferer = self.ensure_network()
             cache = inferer.cache
             hits0, misses0, encoded0 = cache.hits, cache.misses, inferer.stats["encoded"]
             image_id = (key, self.generation)
-            mask = np.zeros(volume.shape, dtype=bool)
-            slices: list[int] = []
-            for plan in parsed.plans:
-                if plan.propagate or len(plan.seeds) > 1:
-                    part, results = inferer.segment_volume(volume, plan, image_id=image_id)
-                    mask |= part
-                    slices += [r.index for r in results]
-                else:
-                    ((k, prompt),) = plan.seeds.items()
-                    mask[..., k] |= inferer.segment_slice(volume, k, prompt, image_id=image_id, axis=plan.axis)
-                    slices.append(k)
+            labels, results = inferer.segment_objects(volume, parsed.plans, image_id=image_id, labels=parsed.labels)
+            slices = [r.index for object_results in results for r in object_results]
             encoded = inferer.stats["encoded"] - encoded0
             hits, misses = cache.hits - hits0, cache.misses - misses0
             version = self.model_version
         t_infer = time.perf_counter()
+        answer = labels if parsed.label_map else labels > 0
 
         if extension is None:
             lower = str(image_path).lower()
             extension = next((s for s in LABEL_SUFFIXES if lower.endswith(s)), ".nii.gz")
         out = Path(tempfile.gettempdir()) / f"sam_unet_{uuid.uuid4().hex}{extension}"
         if geometry is not None and geometry.size == tuple(image.shape[1:]):
-            write_mask(mask, geometry, out)
+            write_mask(answer, geometry, out)
         else:
-            write_mask(mask.reshape(image.shape[1:]), image, out)
+            write_mask(answer.reshape(image.shape[1:]), image, out)
         t_written = time.perf_counter()
         result = {
-            "label_names": self.labels,
+            "label_names": parsed.label_names,
+            "objects": [
+                {"name": name, "label": value, "voxels": int((labels == value).sum())}
+                for name, value in parsed.label_names.items()
+                if not parsed.label_map or value in parsed.labels
+            ],
             "model_version": version,
             "mode": parsed.mode,
             "modality": used_modality,
             "slice": parsed.slice_index,
             "slices": sorted(set(slices)),
-            "voxels": int(mask.sum()),
+            "voxels": int((labels > 0).sum()),
             "encoded_slices": int(encoded),
             "cache": {
                 "hits": int(hits),
@@ -303,6 +307,19 @@ class SAMUNetInferTask(BasicInferTask):
             t_written - begin,
         )
         return str(out), result
+
+    def _label_upload(self, request: dict, shape: tuple[int, ...]) -> tuple[dict, np.ndarray | None]:
+        """An uploaded ``label`` file (MONAI Label puts its temporary path in ``request["label"]``) as a label map of
+        the image's size, and the request without it; a ``label`` that is not a file is a label name."""
+        label = request.get("label")
+        if not isinstance(label, str) or not label.lower().endswith(LABEL_SUFFIXES) or not os.path.isfile(label):
+            return request, None
+        path = self._check_path(label, what="label")
+        try:
+            mask = load_mask_prompt(path, shape)
+        except ValueError as error:
+            raise RequestError(str(error).replace(path, "label upload"), status=422) from None
+        return {k: v for k, v in request.items() if k != "label"}, mask
 
     # BasicInferTask's abstract chain is replaced by __call__
     def pre_transforms(self, data=None):

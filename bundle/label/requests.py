@@ -9,7 +9,18 @@ as the server loads it (ITK / nibabel index order, which is also ``LoadImage``'s
 - ``slice``: the slice index ``z`` to segment in 2D mode (default: the slice of the last foreground click, else of
   the last background click, else the middle of the box);
 - ``mode``: ``"2d"`` (segment one slice; the interactive default) or ``"3d"`` (a box segments every slice of its z
-  range; clicks or a one-slice box propagate slice by slice through the volume).
+  range; clicks or a one-slice box propagate slice by slice through the volume);
+- ``label``: the name (or value) of the label these prompts segment (3D Slicer sends its selected segment's name);
+- ``objects``: several named objects in one request, each ``{"roi": ..., "foreground": ..., "background": ...,
+  "label": name}``, answered with one label map;
+- an uploaded ``label`` file (MONAI Label's ``/infer`` form field; it reaches the task as a path) is a mask prompt:
+  each of its labels is an object, prompted on every slice it covers by its box there, propagated beyond them in 3d
+  mode (see :mod:`bundle.inferers.mask_prompts`).
+
+A request for one label is answered with a 0/1 mask and ``label_names`` ``{name: 1}``: 3D Slicer puts a Deepgrow
+answer's value 1 into the selected segment. A request with ``objects`` or a label upload is answered with a label
+map holding the configured label values and ``label_names`` the configured ``{name: value}``; the values are 1..N,
+because Slicer imports a label map's value n into the n-th name of ``label_names`` sorted by value.
 
 Every problem raises :class:`RequestError` (a ``ValueError``) whose message names the field and the value.
 This module does not import MONAI Label, so it is usable (and testable) without the ``label`` extra.
@@ -21,11 +32,18 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from bundle.inferers.volume_prompts import PromptPlan, is_whole_number, plan_prompts
+import numpy as np
+
+from bundle.inferers.mask_prompts import label_values, mask_plan
+from bundle.inferers.volume_prompts import PromptPlan, SlicePrompt, is_whole_number, plan_prompts
 
 MODES = ("2d", "3d")
 AXIS = 2  # slices are taken along z, the third voxel index: what Slicer / OHIF clicks carry
-KNOWN_FIELDS = ("foreground", "background", "roi", "slice", "mode")
+KNOWN_FIELDS = ("foreground", "background", "roi", "slice", "mode", "label", "objects")
+PROMPT_FIELDS = ("foreground", "background", "roi")
+OBJECT_FIELDS = PROMPT_FIELDS + ("label",)
+#: the label the app serves unless its ``--conf labels`` says otherwise
+DEFAULT_LABELS = {"lesion": 1}
 
 
 class RequestError(ValueError):
@@ -38,17 +56,52 @@ class RequestError(ValueError):
 
 @dataclass
 class InteractiveRequest:
-    """A parsed request: one prompt plan per object (one per box; clicks join the box that holds them)."""
+    """A parsed request: one prompt plan per object (one per box; clicks join the box that holds them), each with
+    the label value it is written with; ``label_map`` says whether the answer is a label map (``objects`` or a label
+    upload) or a 0/1 mask; ``label_names`` is the answer's ``{name: value}``."""
 
     plans: list[PromptPlan]
     mode: str
     slice_index: int | None
     clicks: list[tuple[list[int], int]] = field(default_factory=list)
     boxes: list[list[int]] = field(default_factory=list)  # [x0, y0, z0, x1, y1, z1], inclusive, sorted
+    labels: list[int] = field(default_factory=list)  # per plan
+    label_map: bool = False
+    label_names: dict[str, int] = field(default_factory=dict)
 
     @property
     def slices(self) -> list[int]:
         return sorted({k for plan in self.plans for k in plan.seeds})
+
+
+def check_label_names(labels: Any, source: str = "labels") -> dict[str, int]:
+    """A label configuration ``{name: value}`` with values 1..N (each once), as 3D Slicer maps them to segments."""
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f'{source} must be a JSON object {{name: value}} such as {{"tumour": 1}}, got {labels!r}')
+    out = {}
+    for name, value in labels.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{source}: label names must be non-empty strings, got {name!r}")
+        if not is_whole_number(value):
+            raise ValueError(f"{source}: the value of {name!r} must be an integer, got {value!r}")
+        out[name.strip()] = int(value)
+    if sorted(out.values()) != list(range(1, len(out) + 1)):
+        raise ValueError(
+            f"{source}: values {sorted(out.values())} must be 1..{len(out)}, each once: 3D Slicer shows value n as the "
+            "n-th label name in value order (0 is the background)"
+        )
+    return dict(sorted(out.items(), key=lambda item: item[1]))
+
+
+def _label_of(value: Any, labels: dict[str, int], where: str) -> tuple[str, int]:
+    """A request's ``label`` (a configured name or value) -> (name, value)."""
+    if isinstance(value, str) and value.strip() in labels:
+        return value.strip(), labels[value.strip()]
+    if is_whole_number(value) and int(value) in labels.values():
+        return next(n for n, v in labels.items() if v == int(value)), int(value)
+    if isinstance(value, str) and value.strip().isdigit() and int(value) in labels.values():
+        return _label_of(int(value), labels, where)
+    raise RequestError(f"{where}label {value!r} is not one of the server's labels {labels} (--conf labels)")
 
 
 def _int_or_round(name: str, value: Any) -> int:
@@ -97,10 +150,18 @@ def _check_inside(label: str, point: list[int], shape: tuple[int, ...]) -> None:
             )
 
 
-def parse_request(request: dict, shape: tuple[int, int, int], default_mode: str = "2d") -> InteractiveRequest:
+def parse_request(
+    request: dict,
+    shape: tuple[int, int, int],
+    default_mode: str = "2d",
+    labels: dict[str, int] | None = None,
+    mask: np.ndarray | None = None,
+) -> InteractiveRequest:
     """Validate the prompt fields of a MONAI Label infer ``request`` against a volume of voxel size ``shape``.
 
-    Raises :class:`RequestError` for anything malformed, out of the volume or contradictory.
+    ``labels`` is the server's label configuration (default ``{"lesion": 1}``), ``mask`` an uploaded label map
+    ``[x, y, z]`` (already checked to be one of the image's size). Raises :class:`RequestError` for anything
+    malformed, out of the volume or contradictory.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
@@ -109,29 +170,115 @@ def parse_request(request: dict, shape: tuple[int, int, int], default_mode: str 
     if not isinstance(mode, str) or mode.lower() not in MODES:
         raise RequestError(f"mode must be one of {list(MODES)}, got {mode!r}")
     mode = mode.lower()
+    labels = check_label_names(labels or DEFAULT_LABELS)
+    slice_index = _slice_index(request.get("slice"), shape)
+    top = {k: request.get(k) for k in PROMPT_FIELDS if request.get(k) not in (None, [])}
+    objects = request.get("objects")
+    if objects is not None:
+        if top or mask is not None:
+            raise RequestError(
+                "give the prompts either in objects or at the top level (or as a label upload), not both"
+            )
+        if not isinstance(objects, list) or not objects or not all(isinstance(o, dict) for o in objects):
+            raise RequestError(
+                f"objects must be a non-empty list of {{roi, foreground, background, label}}, got {objects!r}"
+            )
+        parsed = [_parse_object(o, n, shape, mode, slice_index, labels) for n, o in enumerate(objects)]
+        return InteractiveRequest(
+            plans=[plan for part, _ in parsed for plan in part.plans],
+            mode=mode,
+            slice_index=parsed[0][0].slice_index if mode == "2d" else None,
+            clicks=[c for part, _ in parsed for c in part.clicks],
+            boxes=[b for part, _ in parsed for b in part.boxes],
+            labels=[value for part, value in parsed for _ in part.plans],
+            label_map=True,
+            label_names=labels,
+        )
+    if mask is not None:
+        return _mask_request(mask, top, shape, mode, slice_index, labels)
+    name, _ = (
+        _label_of(request["label"], labels, "") if request.get("label") is not None else next(iter(labels.items()))
+    )
+    part = _parse_prompts(request, shape, mode, slice_index)
+    part.labels, part.label_names = [1] * len(part.plans), {name: 1}
+    return part
 
+
+def _slice_index(value: Any, shape: tuple[int, ...]) -> int | None:
+    if value is None or value == "" or (isinstance(value, numbers.Real) and value < 0):
+        return None  # MONAI Label clients send -1 / None for "no slice"
+    if not is_whole_number(value):
+        raise RequestError(f"slice must be an integer slice index z, got {value!r}")
+    value = int(value)
+    if not 0 <= value < shape[AXIS]:
+        raise RequestError(
+            f"slice {value} lies outside the image: not in [0, {shape[AXIS] - 1}] (image size {list(shape)})"
+        )
+    return value
+
+
+def _parse_object(obj: dict, n: int, shape, mode, slice_index, labels) -> tuple[InteractiveRequest, int]:
+    where = f"objects[{n}]: "
+    unknown = set(obj) - set(OBJECT_FIELDS)
+    if unknown:
+        raise RequestError(f"{where}unknown fields {sorted(unknown)}; an object takes {', '.join(OBJECT_FIELDS)}")
+    if obj.get("label") is None:
+        raise RequestError(f"{where}no label: name the label of each object (one of {list(labels)})")
+    _, value = _label_of(obj["label"], labels, where)
+    try:
+        return _parse_prompts(obj, shape, mode, slice_index), value
+    except RequestError as error:
+        raise RequestError(f"{where}{error}", status=error.status) from None
+
+
+def _mask_request(mask: np.ndarray, top: dict, shape, mode, slice_index, labels) -> InteractiveRequest:
+    """An uploaded label map: each label an object on the slices it covers (2d: ``slice`` only, if given), clicks
+    joining the object when it is the only one."""
+    values = label_values(mask, "label upload")
+    unknown = [v for v in values if v not in labels.values()]
+    if unknown:
+        raise RequestError(f"label upload: values {unknown} are not labels of the server {labels} (--conf labels)")
+    if "roi" in top:
+        raise RequestError("give a roi or a label upload, not both (the upload gives each slice its box)")
+    plans = []
+    for value in values:
+        plan = mask_plan(mask, AXIS, value, propagate=mode == "3d", source="label upload")
+        if mode == "2d" and slice_index is not None:
+            if slice_index not in plan.seeds:
+                continue
+            plan.seeds = {slice_index: plan.seeds[slice_index]}
+        plans.append((value, plan))
+    if not plans:
+        raise RequestError(f"label upload: no label on slice {slice_index}")
+    clicks = []
+    if top:
+        if len(plans) > 1:
+            raise RequestError(f"label upload with labels {values}: clicks need a single-label upload to join")
+        part = _parse_prompts(top, shape, mode, slice_index)
+        clicks = part.clicks
+        seeds = plans[0][1].seeds
+        for plan in part.plans:
+            for k, seed in plan.seeds.items():
+                joined = seeds.setdefault(k, SlicePrompt())
+                joined.points, joined.labels = joined.points + seed.points, joined.labels + seed.labels
+    return InteractiveRequest(
+        plans=[plan for _, plan in plans],
+        mode=mode,
+        slice_index=slice_index if mode == "2d" else None,
+        clicks=clicks,
+        labels=[value for value, _ in plans],
+        label_map=True,
+        label_names=labels,
+    )
+
+
+def _parse_prompts(request: dict, shape, mode: str, slice_index: int | None) -> InteractiveRequest:
+    """The ``foreground`` / ``background`` / ``roi`` fields of one prompt set (a request or one of its objects)."""
     foreground = _clicks("foreground", request.get("foreground"))
     background = _clicks("background", request.get("background"))
     clicks = [(p, 1) for p in foreground] + [(p, 0) for p in background]
     for p, label in clicks:
         _check_inside("foreground click" if label else "background click", p, shape)
-
-    slice_index = request.get("slice")
-    if (
-        slice_index is not None
-        and slice_index != ""
-        and not (isinstance(slice_index, numbers.Real) and slice_index < 0)
-    ):
-        if not is_whole_number(slice_index):
-            raise RequestError(f"slice must be an integer slice index z, got {slice_index!r}")
-        slice_index = int(slice_index)
-        if not 0 <= slice_index < shape[AXIS]:
-            raise RequestError(
-                f"slice {slice_index} lies outside the image: not in [0, {shape[AXIS] - 1}] (image size {list(shape)})"
-            )
-    else:
-        slice_index = None  # MONAI Label clients send -1 / None for "no slice"
-
     boxes = []
     raw_boxes = _boxes(request.get("roi"))
     for n, raw in enumerate(raw_boxes):

@@ -10,6 +10,7 @@ Configuration (``--conf key value``; all optional):
 ``modality``           force one modality for every image (``ct``, ``mr``, ...); else request / metadata / default.
 ``default_modality``   modality of images that name none (default ``ct``).
 ``mode``               default request mode, ``2d`` or ``3d`` (default ``2d``).
+``labels``             the labels served, JSON ``{"name": value}`` with values 1..N (default ``{"lesion": 1}``).
 ``cache_mb``           embedding cache budget in MiB (default 1024); ``volume_cache_mb`` loaded volumes (512).
 ``device``             ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when available).
 ``model_dir``          where trained weights are published (default ``<app>/model``).
@@ -38,7 +39,7 @@ from bundle.config import BUNDLE_ROOT
 
 from .datastore import CheckedLocalDatastore
 from .infer import SAMUNetInferTask
-from .requests import RequestError
+from .requests import RequestError, check_label_names
 from .train import SAMUNetTrainTask
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ APP_OPTIONS = (
     "modality",
     "default_modality",
     "mode",
+    "labels",
     "volume_cache_mb",
     "model_dir",
     "preload",
@@ -98,6 +100,17 @@ def inference_overrides(conf: dict, bundle_root: Path = BUNDLE_ROOT) -> dict:
         else:
             logger.warning("--conf %s: not an option of this app nor an id of configs/inference.json; ignored", key)
     return out
+
+
+def conf_labels(text) -> dict[str, int] | None:
+    """``--conf labels '{"tumour": 1, "organ": 2}'`` -> the label configuration (``None``: the default)."""
+    if text in (None, ""):
+        return None
+    value = _conf_value(text)
+    try:
+        return check_label_names(value, "--conf labels")
+    except ValueError as error:
+        raise ValueError(f"{error}; got {text!r}") from None
 
 
 def _http_error(error: Exception) -> HTTPException:
@@ -161,6 +174,7 @@ class SAMUNetApp(MONAILabelApp):
             default_modality=conf.get("default_modality", "ct"),
             volume_cache_bytes=int(float(conf.get("volume_cache_mb", 512)) * 2**20),
             default_mode=conf.get("mode", "2d"),
+            labels=conf_labels(conf.get("labels")),
             allowed_roots=[self.studies, tempfile.gettempdir()] if not self.studies.startswith("http") else None,
             preload=False,  # built in on_init_complete: the server loads it, a background train process does not
         )
