@@ -8,6 +8,7 @@ is exact at network-frame resolution, so tests can check where prompts land and 
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -90,3 +91,23 @@ class CentreWeightedNet(BrightObjectNet):
         distance = torch.hypot(x[None] - centre_x[:, None, None], y[None] - centre_y[:, None, None])
         weight = (10.0 * (1 - distance / half[:, None, None])).clamp(min=0.5)[:, None].to(logits.device)
         return torch.where(logits > 0, weight, logits)
+
+
+#: the two-sphere test volume: array [i, j, k] as LoadImage returns it, two bright spheres on slices ~4-12
+SHAPE = (64, 96, 16)
+CENTRES = ((20, 30, 8), (44, 66, 8))
+
+
+def two_spheres(shape=SHAPE, centres=CENTRES, radius=9.0):
+    """A [0, 255] volume with two bright ellipsoids (200 on 20), and their masks."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+    masks = [np.sqrt((((grid - c) * [1, 1, 2]) ** 2).sum(-1)) < radius for c in centres]
+    return np.where(masks[0] | masks[1], 200.0, 20.0).astype(np.float32), masks
+
+
+def write_spheres(path):
+    """The two spheres as a CT NIfTI (300 / -800 HU); returns their masks."""
+    volume, masks = two_spheres()
+    hu = np.where(volume > 100, 300, -800).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
+    return masks

@@ -9,10 +9,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from constructed import BrightObjectNet
-from test_objects import SHAPE, write_spheres
-from test_train_config import workflow
-from train_helpers import REPO_ROOT
+from constructed import BrightObjectNet, write_spheres
+from train_helpers import REPO_ROOT, workflow
 
 from bundle.inferers import ObjectEvaluator, PromptedSliceInferer, build_datalist
 

@@ -9,9 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from constructed import BrightObjectNet, CentreWeightedNet
+from constructed import SHAPE, BrightObjectNet, CentreWeightedNet, two_spheres, write_spheres
 from PIL import Image
-from test_objects import SHAPE, two_spheres, write_spheres
 
 from bundle.inferers import (
     PromptedSliceInferer,

@@ -8,20 +8,12 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from constructed import BrightObjectNet, CentreWeightedNet
+from constructed import SHAPE, BrightObjectNet, CentreWeightedNet, two_spheres, write_spheres
 
 from bundle.inferers import EmbeddingCache, PromptedSliceInferer, VolumeInferenceRunner, build_datalist, plan_prompts
 
-SHAPE = (64, 96, 16)
-CENTRES = ((20, 30, 8), (44, 66, 8))
 SLICE_BOX_A = [9, 19, 31, 41]  # around sphere A on slice 8: propagates
 BOX_B = [33, 55, 5, 55, 77, 11]  # 3D box around sphere B on slices 5-11: no propagation
-
-
-def two_spheres(shape=SHAPE, centres=CENTRES, radius=9.0):
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
-    masks = [np.sqrt((((grid - c) * [1, 1, 2]) ** 2).sum(-1)) < radius for c in centres]
-    return np.where(masks[0] | masks[1], 200.0, 20.0).astype(np.float32), masks
 
 
 def inferer(network=None, **kwargs):
@@ -82,13 +74,6 @@ def test_labels_over_255_give_a_uint16_label_map():
 
 
 # ---------------------------------------------------------------------------------------------------- files, datalists
-def write_spheres(path):
-    volume, masks = two_spheres()
-    hu = np.where(volume > 100, 300, -800).astype(np.int16)
-    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
-    return masks
-
-
 def run(items, out, **kwargs):
     kwargs.setdefault("modality", "ct")
     return VolumeInferenceRunner(inferer(kwargs.pop("network", None)), items, str(out), **kwargs).run()

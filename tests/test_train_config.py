@@ -8,24 +8,9 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from train_helpers import REPO_ROOT, SMALL_NET, convert_brain, write_split
+from train_helpers import REPO_ROOT, SMALL_NET, convert_brain, workflow, write_split
 
 CONFIGS = REPO_ROOT / "configs"
-
-
-def workflow(config_files, workflow_type, tmp_path, **overrides):
-    files = [str(CONFIGS / f) for f in config_files]
-    return ConfigWorkflow(
-        config_file=files if len(files) > 1 else files[0],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(tmp_path),
-        num_workers=0,
-        progress_bar=False,
-        **SMALL_NET,
-        **overrides,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -98,3 +98,21 @@ def run_bundle(config_files: list[str], overrides: dict, cwd: Path = REPO_ROOT, 
         cmd = [PYTHON]
     cmd += ["-m", "monai.bundle", "run", "--config_file", configs, *bundle_args(overrides)]
     return subprocess.run(cmd, cwd=cwd, env=env_one_thread(), capture_output=True, text=True, timeout=timeout)
+
+
+def workflow(config_files, workflow_type, tmp_path, **overrides):
+    """A MONAI ``ConfigWorkflow`` of ``configs/<config_files>`` with the small network, outputs under ``tmp_path``."""
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(REPO_ROOT / "configs" / f) for f in config_files]
+    return ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(tmp_path),
+        num_workers=0,
+        progress_bar=False,
+        **SMALL_NET,
+        **overrides,
+    )
