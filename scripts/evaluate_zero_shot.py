@@ -121,18 +121,9 @@ def to_slice_mask(low_res: torch.Tensor, item: TumourSlice, size: int = 256) -> 
 
 def dice_nsd(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[float, float]:
     """Dice and NSD (2 mm) of one binary 2D or 3D prediction (``spacing`` in mm per axis), with MONAI's metrics."""
-    from monai.metrics import compute_dice, compute_surface_dice
+    from bundle.inferers import dice_nsd as label_dice_nsd
 
-    def one_hot(mask):
-        fg = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-        return torch.cat([1 - fg, fg], dim=1)
-
-    y_pred, y = one_hot(pred), one_hot(truth)
-    dice = compute_dice(y_pred, y, include_background=False, ignore_empty=False)
-    nsd = compute_surface_dice(y_pred, y, [NSD_TOLERANCE_MM], include_background=False, spacing=list(spacing))
-    # an empty prediction of a non-empty truth: MONAI gives NaN NSD; no overlap of surfaces means 0
-    nsd_value = float(nsd) if torch.isfinite(nsd).all() else 0.0
-    return float(dice), nsd_value
+    return label_dice_nsd(pred, truth, spacing, NSD_TOLERANCE_MM)
 
 
 def build_network(config: Path, weights: str | None, device: torch.device):

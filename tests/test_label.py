@@ -34,9 +34,9 @@ IMAGE_ID = "lung1_crop"
 ROI = [34, 61, 33, 62, 2, 4]
 SLICE = 3
 CLICK = [47, 47, SLICE]
-# a second region outlined by hand: the vertebral body at the crop's corner, slices 2-4
-VERTEBRA = [66, 95, 58, 95, 2, 4]
-LABELS = {"tumour": 1, "vertebra": 2}
+# a second region outlined by hand: the bone (vertebral body) at the crop's corner, slices 2-4
+BONE = [66, 95, 58, 95, 2, 4]
+LABELS = {"tumour": 1, "bone": 2}
 
 
 @pytest.fixture(scope="module")
@@ -174,19 +174,19 @@ def test_objects_named_by_label_return_a_multi_label_volume(server, client, imag
     """Two named objects in one request: one label map with the configured values, ``label_names`` as 3D Slicer
     imports them (value n -> the n-th name by value), each object as the server segments it alone."""
     info = client.info()
-    assert info["models"]["sam_unet"]["labels"] == LABELS and info["labels"] == ["tumour", "vertebra"]
-    objects = [{"roi": VERTEBRA, "label": "vertebra"}, {"roi": ROI, "label": "tumour"}]
+    assert info["models"]["sam_unet"]["labels"] == LABELS and info["labels"] == ["tumour", "bone"]
+    objects = [{"roi": BONE, "label": "bone"}, {"roi": ROI, "label": "tumour"}]
     path, result = client.infer("sam_unet", image_id, {"objects": objects, "mode": "3d"})
     assert geometry(path) == geometry(test_data_dir / "lung1_crop_image.nrrd")
     labels = mask_xyz(path)
     assert set(np.unique(labels)) == {0, 1, 2} and result["label_names"] == LABELS
-    assert sorted(result["label_names"], key=result["label_names"].get) == ["tumour", "vertebra"]
+    assert sorted(result["label_names"], key=result["label_names"].get) == ["tumour", "bone"]
     assert {o["name"]: o["voxels"] for o in result["objects"]} == {
         n: int((labels == v).sum()) for n, v in LABELS.items()
     }
     assert in_roi(labels == 1) and result["encoded_slices"] <= 3  # slices 2-4 encoded once for both objects
     x, y, z = np.nonzero(labels == 2)
-    assert x.min() >= VERTEBRA[0] and y.min() >= VERTEBRA[2] and set(z.tolist()) <= {2, 3, 4}
+    assert x.min() >= BONE[0] and y.min() >= BONE[2] and set(z.tolist()) <= {2, 3, 4}
     alone_path, alone = client.infer("sam_unet", image_id, {"roi": ROI, "mode": "3d", "label": "tumour"})
     tumour_alone = mask_xyz(alone_path)
     assert alone["label_names"] == {"tumour": 1} and set(np.unique(tumour_alone)) == {0, 1}

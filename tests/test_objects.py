@@ -89,9 +89,10 @@ def test_objects_give_a_label_map_and_a_sidecar_naming_each_label(tmp_path):
         {"slice_box": SLICE_BOX_A, "slice_index": 8, "name": "left"},
         {"box": BOX_B, "name": "right", "label": 5},
     ]
-    (result,) = run([{"image": str(tmp_path / "scan.nii.gz"), "objects": objects}], tmp_path / "out")
+    (result,) = run([{"image": str(tmp_path / "scan.nii.gz"), "objects": objects}], tmp_path / "out", montage=True)
     written = read(result["mask"])
     assert written.dtype == np.uint8 and set(np.unique(written)) == {0, 1, 5}
+    assert result["montage"].endswith("scan_seg_montage.png")
     assert ((written == 1) == (masks[0] & (written > 0))).all() and (written == 1).sum() > 100
     sidecar = json.loads((tmp_path / "out" / "scan_seg.json").read_text())
     assert sidecar["label_names"] == {"left": 1, "right": 5} and sidecar["mask"] == result["mask"]

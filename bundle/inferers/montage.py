@@ -13,15 +13,16 @@ def write_montage(
     volume: np.ndarray, mask: np.ndarray, slices, path: Path, transpose: bool = False, max_panels: int = 16
 ) -> Path:
     """Draw up to ``max_panels`` of the prompted ``slices`` (evenly chosen) of ``volume [A, B, K]`` (or
-    ``[3, A, B, K]``, intensities in [0, 255]) with ``mask [A, B, K]`` in red, boxes in yellow (cyan when propagated) and
-    clicks (green foreground, red background). Shown as the network sees them (rows = array axis a unless ``transpose``)."""
+    ``[3, A, B, K]``, intensities in [0, 255]) with ``mask [A, B, K]`` (bool in red; a label map one colour per label),
+    boxes in yellow (cyan when propagated) and clicks (green foreground, red background). Shown as the network sees
+    them (rows = array axis a unless ``transpose``); a slice prompted for several objects is drawn once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    slices = list(slices)
+    slices = list({s.index: s for s in slices}.values())
     if len(slices) > max_panels:
         picks = np.linspace(0, len(slices) - 1, max_panels).round().astype(int)
         slices = [slices[i] for i in sorted(set(picks))]
@@ -42,7 +43,12 @@ def write_montage(
 
         ax.imshow(view(image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         overlay = np.zeros(view(m).shape + (4,))
-        overlay[view(m)] = (1, 0, 0, 0.4)
+        if m.dtype == bool:
+            overlay[view(m)] = (1, 0, 0, 0.4)
+        else:
+            colours = plt.get_cmap("tab10")
+            for value in np.unique(m[m > 0]):
+                overlay[view(m == value)] = (*colours(int(value - 1) % 10)[:3], 0.45)
         ax.imshow(overlay, interpolation="nearest")
         if s.box is not None:
             a0, b0, a1, b1 = s.box
@@ -60,7 +66,7 @@ def write_montage(
         for (a, b), label in zip(s.points, s.labels):
             x, y = (a, b) if transpose else (b, a)
             ax.plot(x, y, marker="*", ms=9, color="lime" if label == 1 else "red", mec="black")
-        state = f"stopped, {s.stopped}" if s.stopped else f"{int(m.sum())} px"
+        state = f"stopped, {s.stopped}" if s.stopped else f"{int((m > 0).sum())} px"
         ax.set_title(f"slice {s.index}{' (prop.)' if s.propagated else ''}: {state}", fontsize=8)
     fig.tight_layout()
     try:

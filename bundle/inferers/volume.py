@@ -363,7 +363,9 @@ class VolumeInferenceRunner:
 
             montage_path = output.path.parent / f"{strip_extensions(output.path.name)}_montage.png"
             result["montage"] = os.fspath(
-                write_montage(volume, labels, slices, montage_path, transpose=self.inferer.transpose)
+                write_montage(
+                    volume, labels if output.sidecar else labels > 0, slices, montage_path, self.inferer.transpose
+                )
             )
         result["seconds"] = time.perf_counter() - start
         logger.info(
