@@ -140,7 +140,10 @@ def main(argv=None) -> int:
     print("| --- | --- | ---: | ---: | ---: | --- |")
     summary = {}
     for variant in VARIANTS:
-        for group, keep in (("3D cases", lambda r: r["case"] in CASES), ("2D images", lambda r: r["case"] not in CASES)):
+        for group, keep in (
+            ("3D cases", lambda r: r["case"] in CASES),
+            ("2D images", lambda r: r["case"] not in CASES),
+        ):
             rows = [r for r in covered if r["variant"] == variant and keep(r)]
             if not rows:
                 continue

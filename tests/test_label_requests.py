@@ -82,6 +82,9 @@ def test_one_label_request_is_answered_as_a_0_1_mask_named_by_its_label():
     parsed = parse_request({"roi": [10, 20, 10, 20, 3, 3], "label": "organ"}, SHAPE, labels=LABELS)
     assert parsed.labels == [1] and parsed.label_names == {"organ": 1}  # Slicer: value 1 -> the selected segment
     assert parse_request({"foreground": [[5, 5, 3]], "label": 2}, SHAPE, labels=LABELS).label_names == {"organ": 1}
+    # a segment the user made in Slicer: its name, value 1
+    parsed = parse_request({"foreground": [[5, 5, 3]], "label": "Segment_1"}, SHAPE, labels=LABELS)
+    assert parsed.label_names == {"Segment_1": 1}
 
 
 def test_objects_name_the_label_of_each_box_and_answer_a_label_map():
@@ -115,7 +118,8 @@ def test_label_upload_is_a_mask_prompt_of_each_label():
 @pytest.mark.parametrize(
     "fields, mask, message",
     [
-        ({"roi": [1, 5, 1, 5, 1, 1], "label": "bone"}, None, "label 'bone' is not one of the server's labels"),
+        ({"roi": [1, 5, 1, 5, 1, 1], "label": 7}, None, "label 7 is not one of the server's labels"),
+        ({"objects": [{"roi": [1, 5, 1, 5, 1, 1], "label": "bone"}]}, None, "label 'bone' is not one of the server"),
         ({"objects": [{"roi": [1, 5, 1, 5, 1, 1]}]}, None, "objects[0]: no label"),
         ({"objects": [{"roi": [1, 5, 1, 5, 1, 1], "label": "tumour", "colour": 1}]}, None, "unknown fields"),
         ({"objects": [{"roi": [1, 500, 1, 5, 1, 1], "label": "tumour"}]}, None, "objects[0]: roi corner"),

@@ -196,12 +196,23 @@ def parse_request(
         )
     if mask is not None:
         return _mask_request(mask, top, shape, mode, slice_index, labels)
-    name, _ = (
-        _label_of(request["label"], labels, "") if request.get("label") is not None else next(iter(labels.items()))
-    )
+    name = _answer_name(request.get("label"), labels)
     part = _parse_prompts(request, shape, mode, slice_index)
     part.labels, part.label_names = [1] * len(part.plans), {name: 1}
     return part
+
+
+def _answer_name(value: Any, labels: dict[str, int]) -> str:
+    """The name of a one-label answer: a configured label (by name or value), or any other segment name a client
+    sends (3D Slicer sends its selected segment's, which the user may have created), else the first label."""
+    if value is None or value == "":
+        return next(iter(labels))
+    try:
+        return _label_of(value, labels, "")[0]
+    except RequestError:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        raise
 
 
 def _slice_index(value: Any, shape: tuple[int, ...]) -> int | None:
