@@ -166,8 +166,8 @@ def test_mask_inputs_reach_the_decoder_only_when_switched_on(tmp_path):
     path = save(tmp_path / "m.nii.gz", covered.astype(np.uint8))
     item = [{"image": str(tmp_path / "scan.nii.gz"), "mask_prompt": path}]
     off, on = CentreWeightedNet(), CentreWeightedNet()
-    run(item, tmp_path / "off", network=off)
-    run(item, tmp_path / "on", network=on, mask_inputs=True)
+    run(item, tmp_path / "off", network=off, mask_inputs=False)
+    run(item, tmp_path / "on", network=on)  # on by default
     assert all(m is None for m in off.mask_inputs_seen)
     fed = [m for m in on.mask_inputs_seen if m is not None]
     # the covered slices 8-12, batch_size 4 at a time
