@@ -161,8 +161,8 @@ def test_brain1_mask_on_three_slices_carried_to_the_rest_of_the_tumour(litemedsa
     written = read(result["mask"]) > 0
     assert min(result["slices"]) < 13 and max(result["slices"]) > 15  # carried beyond the covered slices
     beyond = [11, 12, 16, 17]
-    print({"dice_beyond": dice(written[..., beyond], truth[..., beyond]), "dice": dice(written, truth)})
-    assert dice(written[..., beyond], truth[..., beyond]) > 0.4 and dice(written, truth) > 0.6
+    # measured 2026-12-01: 0.70 on the four slices beyond, 0.79 over the tumour
+    assert dice(written[..., beyond], truth[..., beyond]) > 0.55 and dice(written, truth) > 0.7
 
 
 def test_real_masks_that_do_not_fit_are_refused_before_inference(litemedsam, test_data_dir, tmp_path):

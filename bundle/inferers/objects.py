@@ -105,18 +105,19 @@ def plan_objects(
     spatial: Sequence[int],
     axis: int | None,
     source: str,
-    slices_of=None,
 ) -> list[SegmentationObject]:
     """Validate object ``specs`` against an image of spatial shape ``spatial`` and plan their prompts.
 
     A spec holding ``"_each_label": True`` (a top-level mask prompt) stands for one object per label of its mask.
-    ``slices_of(label_map)`` puts a label map into the inferer's slice layout (``to_slices`` along the axis).
     Returns the objects with their labels and names assigned (see the module docstring).
     """
     from .volume import to_slices
 
     slice_axis = 2 if len(spatial) == 2 else normalize_axis(axis, 3)
-    slices_of = slices_of or (lambda label_map: to_slices(label_map[None], slice_axis))
+
+    def slices_of(label_map):  # the inferer's slice layout
+        return to_slices(label_map[None], slice_axis)
+
     entries: list[tuple[dict, PromptPlan, int | None, str | None]] = []  # spec, plan, label, name
     masks: dict[str, np.ndarray] = {}
     for n, spec in enumerate(specs):
