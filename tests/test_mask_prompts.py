@@ -219,3 +219,21 @@ def test_mask_prompt_on_a_2d_image_writes_a_label_png(tmp_path):
     written = np.asarray(Image.open(result["mask"]))
     assert result["mask"].endswith("photo_seg.png") and set(np.unique(written)) == {0, 1}
     assert not (written[mask == 0]).any() and dice(written > 0, mask > 0) > 0.95
+
+
+def test_earlier_low_res_logits_are_fed_as_they_are():
+    """``SlicePrompt.mask_logits`` (the decoder's own low-res output of an earlier pass) goes to the decoder as given,
+    ahead of a slice mask; the same prompt with the switch off sends none."""
+    from bundle.inferers import SlicePrompt
+
+    volume, (a, _) = two_spheres()
+    earlier = torch.linspace(-5, 5, 64 * 64).reshape(64, 64)
+    prompt = SlicePrompt(box=(10, 20, 30, 40), mask=a[..., 8], mask_logits=earlier)
+    for switch in (True, False):
+        net = CentreWeightedNet()
+        inferer = PromptedSliceInferer(net, mask_inputs=switch)
+        inferer.segment_slice(volume, 8, prompt, axis=2)
+        (seen,) = net.mask_inputs_seen
+        assert (seen is not None) == switch
+        if switch:
+            torch.testing.assert_close(seen, earlier[None, None])
