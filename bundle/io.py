@@ -39,6 +39,7 @@ __all__ = [
     "LoadMedicalImaged",
     "load_image",
     "ReferenceGeometry",
+    "atomic_writer",
     "mask_data",
     "write_mask",
 ]
@@ -222,6 +223,33 @@ def mask_data(mask: np.ndarray) -> np.ndarray:
     if mask.dtype in (np.uint8, np.uint16):
         return mask
     return mask.astype(np.uint8 if not mask.size or mask.max() <= 255 else np.uint16)
+
+
+def atomic_writer(output_ext: str) -> type:
+    """MONAI's first ``ImageWriter`` for ``output_ext`` (``".nii.gz"``, ``".nrrd"``, ``".png"``, ...) for
+    ``SaveImaged(writer=...)``, writing through :func:`atomic_write` so a failed write leaves no truncated file under
+    the output's name (MONAI's writers write to the final name directly).
+
+    With ``resample=False`` it writes the array on its own affine as it is: MONAI 1.6's writers still run a
+    ``SpatialResample`` there, which fails on 2D arrays once their channel is squeezed."""
+    from monai.data.image_writer import resolve_writer
+
+    base = resolve_writer(output_ext)[0]
+
+    def write(self, filename, *args, **kwargs):
+        with atomic_write(filename) as tmp:
+            base.write(self, os.fspath(tmp), *args, **kwargs)
+
+    def resample_if_needed(cls, data_array, affine=None, target_affine=None, output_spatial_shape=None, **kwargs):
+        if target_affine is None and output_spatial_shape is None:
+            return data_array, affine
+        return base.resample_if_needed.__func__(cls, data_array, affine, target_affine, output_spatial_shape, **kwargs)
+
+    return type(
+        f"Atomic{base.__name__}",
+        (base,),
+        {"write": write, "resample_if_needed": classmethod(resample_if_needed), "__module__": __name__},
+    )
 
 
 def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool = False) -> Path:

@@ -4,6 +4,7 @@ checks and the cached datasets the configs build."""
 from .checks import check_files
 from .convert import Case, ConversionReport, case_name, convert_to_sa_med2d
 from .datasets import CACHE_CHOICES, cached_dataset
+from .encoded import EncodedViews, task_dataset
 from .sa_med2d import (
     ALL_IMAGES_JSON,
     IMAGES_DIR,
@@ -36,6 +37,8 @@ from .volumes import (
 __all__ = [
     "CACHE_CHOICES",
     "cached_dataset",
+    "EncodedViews",
+    "task_dataset",
     "check_files",
     "load_volume_datalist",
     "volume_slice_datalist",

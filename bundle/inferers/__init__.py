@@ -1,5 +1,5 @@
-"""Prompted volume inference: slice-wise, batched, embedding cache, prompt propagation, several objects, mask prompts,
-file to file."""
+"""Prompted volume inference (slice-wise, batched, embedding cache, prompt propagation, several objects, mask
+prompts, file to file) and sliding-window inference at the image's own resolution."""
 
 from .cache import EmbeddingCache, MemoryCache
 from .evaluation import ObjectEvaluator, dice_nsd, object_evaluator
@@ -8,8 +8,12 @@ from .objects import SegmentationObject, plan_objects
 from .slice_inferer import PromptedSliceInferer, SliceFrame, SliceResult, check_intensity_range
 from .volume import VolumeInferenceRunner, build_datalist, normalized_volume, output_path_for, to_slices
 from .volume_prompts import PromptPlan, SlicePrompt, plan_prompts
+from .windows import BACKGROUND_LOGIT, BoxWindowInferer, SlidingWindowSliceInferer
 
 __all__ = [
+    "BACKGROUND_LOGIT",
+    "BoxWindowInferer",
+    "SlidingWindowSliceInferer",
     "EmbeddingCache",
     "MemoryCache",
     "PromptedSliceInferer",

@@ -99,10 +99,12 @@ def build_datalist(
     objects=None,
     mask_prompt=None,
     mask_label=None,
+    required: bool = False,
 ) -> list[dict]:
     """The items to segment: one from ``input_image`` and the prompt ids (or ``objects``), or a datalist (list or JSON
     file of ``{"image": path, <prompts> or "objects": [...], "modality": ..., "output_name": ...}``; relative image and
-    mask paths are relative to the JSON file). See :mod:`bundle.inferers.objects` for the prompts of an item."""
+    mask paths are relative to the JSON file). See :mod:`bundle.inferers.objects` for the prompts of an item.
+    ``required``: no item is a ValueError."""
     prompts = {
         "box": box,
         "slice_box": slice_box,
@@ -123,6 +125,8 @@ def build_datalist(
             item["objects"] = parse_objects(item["objects"], f"{item['image']}: objects")
         return [item]
     if datalist is None:
+        if required:
+            raise ValueError("nothing to segment: give --input_image PATH or --datalist FILE")
         return []
     if any(v is not None for v in prompts.values()):
         raise ValueError("prompts on the command line apply to input_image; with a datalist give them per item")
@@ -149,6 +153,8 @@ def build_datalist(
         if base:
             item = _relative_to(item, base)
         items.append(item)
+    if required and not items:
+        raise ValueError("nothing to segment: the datalist has no items")
     return items
 
 

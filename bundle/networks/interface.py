@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pixels import frame_transforms, preprocess
+from .pixels import frame_transforms, pixel_transforms, preprocess, scale_pixels
 
 Features = dict[str, torch.Tensor]
 
@@ -34,6 +34,10 @@ class PromptableNetwork(Protocol):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 1 or 3, H, W]`` in [0, 255] -> network input ``[N, 3, S, S]``."""
+        ...
+
+    def scale_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 1 or 3, H, W]`` in [0, 255] -> ``[N, 3, H, W]``: the pixel scaling alone, at the images' own size."""
         ...
 
     def encode(self, image: torch.Tensor) -> Features:
@@ -95,6 +99,16 @@ class PromptableNetworkMixin:
     def frame_transforms(self, image_key: str, label_keys=(), label_mode: str = "nearest-exact") -> list:
         """The dictionary transforms that make this network's input from a [0, 255] image (training pipelines)."""
         return frame_transforms(self.pixel_normalization, image_key, label_keys, self.image_size, label_mode)
+
+    def scale_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 1 or 3, H, W]`` in [0, 255] -> ``[N, 3, H, W]``: the pixel scaling of :meth:`preprocess` at the images'
+        own size, for windowed inference (:func:`bundle.networks.pixels.scale_pixels`)."""
+        return scale_pixels(images, self.pixel_normalization)
+
+    def pixel_transforms(self, image_key: str) -> list:
+        """Dictionary transforms: [0, 255] image or volume -> this network's pixel scaling at its own resolution
+        (windowed pipelines: windows of ``image_size`` are cut from it afterwards)."""
+        return pixel_transforms(self.pixel_normalization, image_key)
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         return upsample_logits(low_res, self.image_size)

@@ -10,6 +10,11 @@ Two schemes exist, each tied to the weights a network was trained with:
 A network's ``pixel_normalization`` attribute names its scheme (from its checkpoint, its weights or its backbone);
 training (:func:`frame_transforms`), inference and export (:func:`preprocess`) all go through this module, so no
 entry point scales inputs differently from the others.
+
+Windowed inference and prompt-free training on windows scale the pixels of the whole image at its own resolution
+(:func:`pixel_transforms`, :func:`scale_pixels`) and cut ``S x S`` windows from it afterwards; zero padding added
+then is 0 in normalised space, as in the frame. For an image whose longest side is ``S`` both ways give the same
+network input (the frame's resize is the identity there).
 """
 
 from __future__ import annotations
@@ -47,6 +52,36 @@ def frame_transforms(
     return [frame, LiteMedSAMScaled(image_key, size=size)]
 
 
+def pixel_transforms(name: str, image_key: str) -> list:
+    """Dictionary transforms: image ``[3, H, W]`` (or a volume ``[3, H, W, D]``) in [0, 255] -> the scheme's pixel
+    scaling at the array's own resolution (no resizing, no padding): SAM's mean / std, or LiteMedSAM's min-max of
+    the whole array to [0, 1]."""
+    from bundle.transforms import LiteMedSAMScaled, SAMPixelNormalized
+
+    if check_pixel_normalization(name) == "sam":
+        return [SAMPixelNormalized(image_key)]
+    return [LiteMedSAMScaled(image_key, original_hw_key=None)]
+
+
+def scale_pixels(images: torch.Tensor, name: str) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` (C = 1 grey or 3 RGB) in [0, 255] -> ``[N, 3, H, W]`` with the scheme's pixel scaling
+    (each image on its own), at their own size: the input windowed inference cuts network windows from."""
+    from bundle.transforms import LiteMedSAMScale, SAMPixelNormalize
+
+    images = _three_channels(images)
+    scale = SAMPixelNormalize() if check_pixel_normalization(name) == "sam" else LiteMedSAMScale()
+    return torch.stack([torch.as_tensor(scale(image)) for image in images]).float()
+
+
+def _three_channels(images: torch.Tensor) -> torch.Tensor:
+    images = torch.as_tensor(images, dtype=torch.float32)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, 1 or 3, H, W] in [0, 255], got shape {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.contiguous()
+
+
 def _frame(images: torch.Tensor, size: int) -> torch.Tensor:
     """``[N, C, H, W]`` -> ``[N, C, size, size]`` (every image of one grid resized and padded in one call)."""
     from bundle.transforms import ToNetworkFrame
@@ -61,12 +96,7 @@ def preprocess(images: torch.Tensor, name: str, size: int) -> torch.Tensor:
     from bundle.transforms import LiteMedSAMScale, SAMPixelNormalize
 
     check_pixel_normalization(name)
-    images = torch.as_tensor(images, dtype=torch.float32)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [N, 1 or 3, H, W] in [0, 255], got shape {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    images = images.contiguous()
+    images = _three_channels(images)
     original_hw = tuple(images.shape[-2:])
     if name == "sam":
         normalize = SAMPixelNormalize()

@@ -38,6 +38,7 @@ from .modality import (
     resolve_modality,
 )
 from .network_input import NetworkInputd
+from .orientation import TransposeInPlaned
 from .prompts import (
     Box3DPromptd,
     RandBoxPromptd,
@@ -54,6 +55,7 @@ __all__ = [
     "LiteMedSAMScale",
     "LiteMedSAMScaled",
     "NetworkInputd",
+    "TransposeInPlaned",
     "NETWORK_SIZE",
     "FromNetworkFrame",
     "FromNetworkFramed",

@@ -34,7 +34,8 @@ class LiteMedSAMScale(Transform):
         eps: smallest range divided by (a constant image becomes 0, as in LiteMedSAM's ``clip(max - min, 1e-8)``).
 
     ``original_hw`` (the image's size before `ToNetworkFrame`) gives the unpadded region ``frame_shape(original_hw)``;
-    without it the whole frame is scaled.
+    without it the whole array is scaled: a frame, or an image ``[C, H, W]`` or volume ``[C, H, W, D]`` at its own
+    resolution (windowed inference cuts network windows from it afterwards).
     """
 
     def __init__(self, size: int = NETWORK_SIZE, eps: float = 1e-8) -> None:
@@ -43,29 +44,35 @@ class LiteMedSAMScale(Transform):
 
     def __call__(self, img, original_hw: Sequence[int] | None = None):
         img = convert_to_tensor(img, dtype=torch.float32, track_meta=True)
-        if img.ndim != 3:
-            raise ValueError(f"LiteMedSAMScale: shape {tuple(img.shape)}; expected a channel-first [C, H, W] frame")
-        height, width = img.shape[-2:]
-        if original_hw is not None:
-            if (height, width) != (self.size, self.size):
-                raise ValueError(f"LiteMedSAMScale: frame {height}x{width}; expected {self.size}x{self.size}")
-            height, width = frame_shape(original_hw, self.size)
-        region = img[:, :height, :width]
-        low, high = region.min(), region.max()
+        if original_hw is None:
+            if img.ndim not in (3, 4):
+                raise ValueError(
+                    f"LiteMedSAMScale: shape {tuple(img.shape)}; expected a channel-first [C, H, W] or [C, H, W, D] array"
+                )
+            return self._scale(img)
+        if img.ndim != 3 or tuple(img.shape[-2:]) != (self.size, self.size):
+            raise ValueError(
+                f"LiteMedSAMScale: shape {tuple(img.shape)}; expected a [C, {self.size}, {self.size}] frame"
+            )
+        height, width = frame_shape(original_hw, self.size)
         out = torch.zeros_like(img)
-        out[:, :height, :width] = (region - low) / torch.clamp(high - low, min=self.eps)
+        out[:, :height, :width] = self._scale(img[:, :height, :width])
         return out
+
+    def _scale(self, region: torch.Tensor) -> torch.Tensor:
+        low, high = region.min(), region.max()
+        return (region - low) / torch.clamp(high - low, min=self.eps)
 
 
 class LiteMedSAMScaled(MapTransform):
     """Dictionary version of `LiteMedSAMScale`; the original ``(H, W)`` is read from ``data[original_hw_key]``
-    (written by `ToNetworkFramed`) when present."""
+    (written by `ToNetworkFramed`) when present; ``original_hw_key=None`` scales the whole array."""
 
     def __init__(
         self,
         keys: KeysCollection,
         size: int = NETWORK_SIZE,
-        original_hw_key: str = "original_hw",
+        original_hw_key: str | None = "original_hw",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -74,7 +81,7 @@ class LiteMedSAMScaled(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        original_hw = d.get(self.original_hw_key)
+        original_hw = d.get(self.original_hw_key) if self.original_hw_key else None
         for key in self.key_iterator(d):
             d[key] = self.scale(d[key], original_hw)
         return d
