@@ -130,3 +130,41 @@ def test_a_chosen_resolution_scales_the_box_with_the_image():
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.98
     with pytest.raises(ValueError, match="scale must be > 0"):
         inferer(image, box, scale=0)
+
+
+def test_volume_inferer_runs_a_box_over_windows_when_asked():
+    """``PromptedSliceInferer(box_windows=1.0)``: a box-only prompt on a 2D image larger than a window is segmented
+    at its own pixels (exactly the constructed answer); off by default (the frame path, at 256 / 700 resolution)."""
+    from bundle.inferers import PromptedSliceInferer
+    from bundle.inferers.volume_prompts import plan_prompts
+
+    image, truth, box = constructed_image()
+    volume = image[0].numpy()[..., None]  # [A, B, 1]: a 2D image, rows = a
+    plan = plan_prompts((600, 700), box=[int(box[1]), int(box[0]), int(box[3]), int(box[2])])  # (a0, b0, a1, b1)
+    windowed = PromptedSliceInferer(BrightObjectNet(), box_windows=1.0, min_contrast=0)
+    mask, results = windowed.segment_volume(volume, plan)
+    np.testing.assert_array_equal(mask[..., 0], truth)
+    assert windowed.stats["encoded"] == 4 and results[0].area == truth.sum()
+    framed, _ = PromptedSliceInferer(BrightObjectNet(), min_contrast=0).segment_volume(volume, plan)
+    assert (framed[..., 0] != truth).sum() > 0  # resized to 256 and back: the edges move
+    with pytest.raises(ValueError, match="box_windows must be a scale"):
+        PromptedSliceInferer(BrightObjectNet(), box_windows=0)
+
+
+def test_a_windowed_seed_slice_propagates_through_the_frame():
+    """A slice box on the middle slice of a 3-slice volume: that slice over the windows, its neighbours propagated
+    from its mask through the network frame (one frame encoding each, none for the seed slice)."""
+    from bundle.inferers import PromptedSliceInferer
+    from bundle.inferers.volume_prompts import plan_prompts
+
+    image, truth, box = constructed_image()
+    volume = np.repeat(image[0].numpy()[..., None], 3, axis=-1)  # [600, 700, 3]
+    slice_box = [int(box[1]), int(box[0]), int(box[3]), int(box[2])]
+    plan = plan_prompts(volume.shape, slice_box=slice_box, slice_index=1)
+    inferer = PromptedSliceInferer(BrightObjectNet(), box_windows=1.0, min_contrast=0)
+    mask, results = inferer.segment_volume(volume, plan)
+    np.testing.assert_array_equal(mask[..., 1], truth)
+    assert [r.index for r in results] == [0, 1, 2] and [r.propagated for r in results] == [True, False, True]
+    for k in (0, 2):
+        assert 2 * (mask[..., k] & truth).sum() / (mask[..., k].sum() + truth.sum()) > 0.97
+    assert inferer.stats["encoded"] == 4 + 2
