@@ -135,6 +135,7 @@ def train_and_evaluate(train_sets, held_out, spacing, args, workdir, dataset_dir
             "lr_milestones": [args.epochs],
             "batch_size": args.batch_size,
             "datalist": held_out,
+            "validate#datalist": held_out,  # ValidationHandler needs an evaluator; val_interval keeps it idle
         },
     )
     if no_prompt == "learned":
