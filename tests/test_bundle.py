@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from monai.bundle import ConfigWorkflow
 
@@ -28,7 +29,8 @@ def test_metadata_declares_network_io_and_versions():
     assert f"torch=={meta['pytorch_version']}" in constraints
 
 
-def test_verify_net_in_out_runs_as_users_run_it():
+@pytest.mark.parametrize("config", ["configs/inference.json", "configs/inference_auto.json"])
+def test_verify_net_in_out_runs_as_users_run_it(config):
     run = subprocess.run(
         [
             sys.executable,
@@ -39,7 +41,7 @@ def test_verify_net_in_out_runs_as_users_run_it():
             "--meta_file",
             "configs/metadata.json",
             "--config_file",
-            "configs/inference.json",
+            config,
         ],
         cwd=ROOT,
         capture_output=True,
