@@ -170,8 +170,8 @@ class PromptedSliceInferer:
         box_windows: ``None`` (default): every slice is resized into the network frame. A scale (``1.0``: the
             slice's own pixels): a box-only prompt on a slice larger than one window at that scale is segmented over
             the windows the box covers, the box clipped to each (:class:`~bundle.inferers.windows.BoxWindowInferer`).
-            On the dermoscopy photos and ultrasound images measured (docs/benchmarks.md) the frame was more
-            accurate and faster at every image size, so it stays off by default.
+            On the dermoscopy photos and ultrasound images measured (docs/benchmarks.md) the frame had the higher
+            mean Dice on every dataset and was faster, so it stays off by default.
 
     Input volumes are ``[A, B, K]`` (grey) or ``[3, A, B, K]`` (RGB) float arrays already intensity-normalised to
     [0, 255] for their modality (the data pipeline's ``ModalityNormalize``), with slices along the last axis; a
