@@ -23,6 +23,7 @@ from bundle.io import atomic_write  # noqa: E402
 from bundle.networks import SAMUNet  # noqa: E402
 from bundle.networks.contract import CONTRACT_KEY  # noqa: E402
 from bundle.networks.weights import FORMATS, convert_state_dict, read_state_dict  # noqa: E402
+from bundle.quiet import quiet_third_party  # noqa: E402
 
 
 def read_trusted(path: Path) -> dict:
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decoder-tokens", default="med", choices=("med", "sam"))
     parser.add_argument("--trust-pickle", action="store_true", help="unpickle arbitrary objects (trusted files only)")
     args = parser.parse_args(argv)
+    quiet_third_party()
 
     if args.output.resolve() == args.source.resolve():
         parser.error("the output would overwrite the source checkpoint")

@@ -19,6 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bundle.quiet import quiet_third_party  # noqa: E402
+
 SAMPLE = REPO / "tests" / "data" / "lung1_crop_image.nrrd"
 SLICE_BOX, SLICE_INDEX = [34, 33, 61, 62], 3
 
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default=str(REPO / "eval"))
     parser.add_argument("--weights", default="litemedsam", help='"litemedsam" (default) or a bundle checkpoint path')
     args = parser.parse_args(argv)
+    quiet_third_party()
     if args.weights == "litemedsam":
         try:
             from bundle.networks.weights import litemedsam_checkpoint_path

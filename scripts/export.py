@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     )
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from bundle.quiet import quiet_third_party
+
+    quiet_third_party()
 
     from bundle.config import bundle_parser
     from bundle.export import export_onnx
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     }
     image = check_slices(args.check_image, args.check_modality, network)
     try:
-        written = export_onnx(network, args.output_dir, metadata, verify_image=image, atol=args.atol)
+        written = export_onnx(network, args.output_dir, metadata, verify_image=image, atol=args.atol, progress=True)
     except RuntimeError as error:
         print(f"export stopped, nothing written: {error}", file=sys.stderr)
         return 3

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from bundle.networks import SAMUNet
 from bundle.networks.contract import make_contract, weights_fingerprint
@@ -99,6 +101,7 @@ def export_onnx(
     metadata: dict | None = None,
     verify_image: torch.Tensor | None = None,
     atol: float = 1e-3,
+    progress: bool = False,
 ) -> dict[str, Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` of ``network`` (weights loaded, eval) into ``output_dir``.
 
@@ -106,6 +109,7 @@ def export_onnx(
     Before the files are put in place, both are run in ONNX Runtime on ``verify_image`` (``[B, 3, S, S]``, default
     random) and compared with PyTorch; a logit difference above ``atol`` raises ``RuntimeError`` and nothing is
     written. Files are written to a temporary folder and moved in, so a failed export never leaves half a pair.
+    ``progress``: a progress bar of the three stages (encoder, decoder, check) on stderr.
     """
     output_dir = Path(output_dir)
     network = network.eval()
@@ -123,8 +127,10 @@ def export_onnx(
     prompts = _example_prompts(network, image.shape[0], device)
     decoder_inputs = list(names) + list(DECODER_PROMPT_INPUTS)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+    bar = tqdm(total=3, desc="ONNX export", unit="stage", file=sys.stderr, leave=False, disable=not progress)
+    with bar, tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         staged = {ENCODER_FILE: Path(tmp) / ENCODER_FILE, DECODER_FILE: Path(tmp) / DECODER_FILE}
+        bar.set_postfix_str("image encoder")
         _write_onnx(
             encoder,
             (image,),
@@ -134,6 +140,8 @@ def export_onnx(
             {"image": batch, **{n: batch for n in names}},
             _metadata(network, "image_encoder", ["image"], names, fingerprint, metadata or {}),
         )
+        bar.update()
+        bar.set_postfix_str("prompt decoder")
         _write_onnx(
             decoder,
             (*features, *prompts),
@@ -149,7 +157,10 @@ def export_onnx(
             },
             _metadata(network, "prompt_decoder", decoder_inputs, ["low_res_logits"], fingerprint, metadata or {}),
         )
+        bar.update()
+        bar.set_postfix_str("ONNX Runtime check")
         worst = verify_onnx(network, staged[ENCODER_FILE], staged[DECODER_FILE], image)
+        bar.update()
         if worst > atol:
             raise RuntimeError(
                 f"ONNX Runtime differs from PyTorch by {worst:.3g} (> {atol}) on the check input; nothing written"

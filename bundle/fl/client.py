@@ -24,6 +24,8 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bundle.quiet import quiet_third_party
+
 logger = logging.getLogger("bundle.fl.client")
 
 DEFAULT_BUNDLE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -293,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import nvflare.client as flare
 
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     logging.basicConfig(level=logging.INFO)
     flare.init()
     site = flare.get_site_name()

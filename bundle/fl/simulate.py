@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from ..quiet import quiet_third_party
 from .client import ON_SITE_ERROR, parse_overrides
 from .job import EXCHANGES, Site, find_global_model, make_recipe, simulate
 
@@ -193,6 +194,7 @@ def summarise(workspace: str, sites: Sequence[Site]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .client import DEFAULT_BUNDLE_ROOT
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -390,16 +391,21 @@ class PromptedSliceInferer:
         return (self.decode(features, [prompt], frame)[0] > 0).cpu().numpy()
 
     def segment_volume(
-        self, volume: np.ndarray, plan: PromptPlan, image_id="volume"
+        self, volume: np.ndarray, plan: PromptPlan, image_id="volume", on_slice: Callable[[int], None] | None = None
     ) -> tuple[np.ndarray, list[SliceResult]]:
         """Segment one object of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``, slices along the last axis) following
         ``plan``; returns the boolean mask ``[A, B, K]`` and one :class:`SliceResult` per decoded slice, in slice order.
         See :meth:`segment_objects`."""
-        labels, (results,) = self.segment_objects(volume, [plan], image_id=image_id)
+        labels, (results,) = self.segment_objects(volume, [plan], image_id=image_id, on_slice=on_slice)
         return labels > 0, results
 
     def segment_objects(
-        self, volume: np.ndarray, plans: list[PromptPlan], image_id="volume", labels: list[int] | None = None
+        self,
+        volume: np.ndarray,
+        plans: list[PromptPlan],
+        image_id="volume",
+        labels: list[int] | None = None,
+        on_slice: Callable[[int], None] | None = None,
     ) -> tuple[np.ndarray, list[list[SliceResult]]]:
         """Segment several objects of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``) into one label map.
 
@@ -412,7 +418,8 @@ class PromptedSliceInferer:
         once per pass for all of them (``batch_size`` slices per encoder call, ahead of the fronts) and a slice both
         passes need is taken from the embedding cache. Each object's rows are decoded in batches of their own, so an
         object's mask does not depend on the others. Returns the label map ``[A, B, K]`` (uint8, or uint16 for labels over 255) and, per object, one
-        :class:`SliceResult` per decoded slice in slice order.
+        :class:`SliceResult` per decoded slice in slice order. ``on_slice(k)`` is called after each object's slice
+        ``k`` is decoded (e.g. a progress bar's update).
         """
         plans = list(plans)
         labels = list(range(1, len(plans) + 1)) if labels is None else [int(v) for v in labels]
@@ -425,7 +432,7 @@ class PromptedSliceInferer:
             raise ValueError(f"every plan must take the {num} slices of the volume along one axis")
         frame = SliceFrame(volume.shape[-3:-1], self.image_size, self.transpose)
         tracks = [_Track(plan, label, index) for index, (plan, label) in enumerate(zip(plans, labels))]
-        canvas = _LabelCanvas(volume.shape[-3:], max(labels), several=len(tracks) > 1)
+        canvas = _LabelCanvas(volume.shape[-3:], max(labels), several=len(tracks) > 1, on_paint=on_slice)
         sweep = partial(self._sweep, volume, canvas=canvas, frame=frame, image_id=image_id, axis=plans[0].axis)
         sweep(tracks, direction=1, with_seeds=True)  # the seeds, and propagation upwards from the lowest ones
         propagating = [t for t in tracks if t.plan.propagate]
@@ -552,12 +559,17 @@ class _Track:
 class _LabelCanvas:
     """The label map being painted: each object's slice masks, the higher logit winning where objects overlap."""
 
-    def __init__(self, shape: tuple[int, ...], max_label: int, several: bool) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], max_label: int, several: bool, on_paint: Callable[[int], None] | None = None
+    ) -> None:
         self.labels = np.zeros(shape, dtype=np.uint8 if max_label <= 255 else np.uint16)
         self.several = several
+        self.on_paint = on_paint  # called with each decoded slice's index
         self.best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slice -> (winning logit, winning object index)
 
     def paint(self, k: int, row: np.ndarray, logits: torch.Tensor, track: _Track) -> None:
+        if self.on_paint is not None:
+            self.on_paint(k)
         if not row.any():
             return
         target = self.labels[..., k]

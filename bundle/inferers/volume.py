@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from bundle.io import DISPLAY_SUFFIXES, atomic_write, image_suffix, load_image, strip_extensions, write_mask
 
@@ -207,6 +209,7 @@ class VolumeInferenceRunner:
         montage: also write ``<name>_seg_montage.png`` with the prompted slices, mask and prompts.
         weights: the weights the network was built with; ``None`` with ``require_weights`` refuses to run an
             untrained network, naming the missing file.
+        progress: a progress bar of the decoded slices per output (tqdm, on stderr).
     """
 
     def __init__(
@@ -222,6 +225,7 @@ class VolumeInferenceRunner:
         montage: bool = False,
         weights: str | None = "unknown",
         require_weights: bool = True,
+        progress: bool = True,
     ) -> None:
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
@@ -236,6 +240,7 @@ class VolumeInferenceRunner:
         self.montage = montage
         self.weights = weights
         self.require_weights = require_weights
+        self.progress = progress
         self.results: list[dict] = []
 
     # ---------------------------------------------------------------------------------------------------- validation
@@ -332,9 +337,15 @@ class VolumeInferenceRunner:
         axis = objects[0].plan.axis
         volume = to_slices(normalized, axis)
         image_id = (os.path.abspath(source), modality)
-        labels, per_object = self.inferer.segment_objects(
-            volume, [o.plan for o in objects], image_id=image_id, labels=[o.label for o in objects]
-        )
+        name = os.path.basename(os.path.normpath(source))
+        with tqdm(desc=name, unit="slice", file=sys.stderr, leave=False, disable=not self.progress) as bar:
+            labels, per_object = self.inferer.segment_objects(
+                volume,
+                [o.plan for o in objects],
+                image_id=image_id,
+                labels=[o.label for o in objects],
+                on_slice=lambda _: bar.update(),
+            )
         label_out = from_slices(labels, spatial, axis)
         mask_out = label_out.astype(label_dtype(objects)) if output.sidecar else label_out > 0
         slices = sorted((s for results in per_object for s in results), key=lambda s: s.index)

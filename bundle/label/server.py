@@ -36,6 +36,7 @@ from monailabel.interfaces.exception import MONAILabelException
 from monailabel.utils.others.generic import strtobool
 
 from bundle.config import BUNDLE_ROOT
+from bundle.quiet import quiet_third_party
 
 from .datastore import CheckedLocalDatastore
 from .infer import SAMUNetInferTask
@@ -122,6 +123,7 @@ class SAMUNetApp(MONAILabelApp):
     """MONAI Label app serving SAM-UNet: ``sam_unet`` infer (clicks / boxes) and train (fine-tune on saved labels)."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict):
+        quiet_third_party()
         conf = dict(conf or {})
         self.conf_models = [m.strip() for m in str(conf.get("models", MODEL_NAME)).split(",") if m.strip()]
         unknown = [m for m in self.conf_models if m != MODEL_NAME]
