@@ -7,6 +7,7 @@ features), so only it is compiled. :class:`CompiledEncoderSAMUNet` keeps the net
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from bundle.networks import SAMUNet
 from bundle.networks.interface import PromptableNetworkMixin
 
 from .modules import ImageEncoderExport
+
+logger = logging.getLogger(__name__)
 
 
 class CompiledEncoderSAMUNet(PromptableNetworkMixin, nn.Module):
@@ -48,10 +51,15 @@ def torch_compile_encoder(network: SAMUNet, **compile_kwargs: Any) -> CompiledEn
     return CompiledEncoderSAMUNet(network, torch.compile(ImageEncoderExport(network), **compile_kwargs))
 
 
-def trt_compile_encoder(network: SAMUNet, base_path: str, args: dict | None = None) -> CompiledEncoderSAMUNet:
+def trt_compile_encoder(network: SAMUNet, base_path: str, args: dict | None = None) -> CompiledEncoderSAMUNet | SAMUNet:
     """MONAI ``trt_compile`` of the image encoder: a TensorRT engine built on first use and saved as
-    ``{base_path}.plan`` (reused while newer than the weights). Needs CUDA, ``tensorrt`` and ``polygraphy``; without
-    them MONAI logs a warning and the encoder runs in PyTorch."""
+    ``{base_path}.plan`` (reused while newer than the weights). Needs CUDA, ``tensorrt`` and ``polygraphy``: without
+    CUDA, ``network`` itself is returned with a one-line warning (PyTorch, as ``configs/inference.json`` runs);
+    without the packages MONAI logs that ``trt_compile`` has no effect and the encoder runs in PyTorch."""
     from monai.networks import trt_compile
+
+    if not torch.cuda.is_available():
+        logger.warning("TensorRT needs CUDA, which is not available: running the network in PyTorch instead")
+        return network
 
     return CompiledEncoderSAMUNet(network, trt_compile(ImageEncoderExport(network), base_path, args=args))
