@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceFocalLoss, DiceLoss
@@ -180,6 +182,45 @@ def test_evaluator_scores_every_mode_and_counts_empty_masks(net, tmp_path):
     for name in ("per_mask.csv", "summary.csv", "summary.json", "dice_by_modality_mode.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert len(list((tmp_path / "worst").glob("*.png"))) == 2 * len(modes)
+
+
+def test_worst_case_overlay_keeps_its_title_inside_and_draws_the_prompt(net, tmp_path):
+    """The overlays of evaluate.json: a long image path gives a readable title within the picture, and the prompt
+    (box, or foreground / background clicks) is drawn."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    from bundle.engines import PromptEvaluationReport
+    from bundle.engines.handlers import overlay_figure, overlay_title
+
+    data = batch()
+    data["image_id"] = ["/data/sa_med2d/masks/mr_00--MyDataset--brain1_crop_image--z_0003--0001_000.png"] * 2
+    evaluator = SAMUNetEvaluator(
+        device="cpu",
+        val_data_loader=[data],
+        network=net,
+        prompt_modes=["box", "points:3"],
+        val_handlers=[PromptEvaluationReport(str(tmp_path), worst_k=1)],
+    )
+    evaluator.run()
+    keep, _, prompt = evaluator.state.output["cases"]["points:3"]
+    assert prompt["points"].shape == (len(keep), 3, 2)
+    pngs = sorted((tmp_path / "worst").glob("*.png"))
+    assert [p.name.split("_")[0] for p in pngs] == ["box", "points"] and "masks" not in pngs[0].name
+
+    grey, mask = np.zeros((64, 64), np.uint8), np.zeros((64, 64), bool)
+    mask[20:40, 10:30] = True
+    title = overlay_title(Path(data["image_id"][0]).name + " mask 0", "interactive:5", {"dice": 0.51, "nsd": 0.7})
+    for prompt, drawn in (
+        ({"boxes": [10, 20, 29, 39]}, Rectangle),
+        ({"points": [[15, 25], [1, 1]], "point_labels": [1, 0]}, Line2D),
+    ):
+        figure = overlay_figure(grey, mask, mask, title, prompt)
+        figure.canvas.draw()
+        ax = figure.axes[0]
+        box = ax.title.get_window_extent(figure.canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1, (box, figure.bbox)
+        assert any(isinstance(a, drawn) for a in ax.patches + ax.lines)
 
 
 def test_evaluator_is_repeatable(net):

@@ -1,7 +1,7 @@
 """Training and evaluation engines with simulated prompts (box, points, SAM-Med2D corrective clicks)."""
 
 from .evaluator import DEFAULT_MODES, PromptModeMetric, SAMUNetEvaluator, parse_mode
-from .handlers import AtomicCheckpointSaver, ProgressBar, PromptEvaluationReport, summarise
+from .handlers import AtomicCheckpointSaver, ProgressBar, PromptEvaluationReport, summarise, validation_available
 from .interactive import InteractiveDecoding
 from .prompts import corrective_clicks, initial_prompts, valid_region
 from .trainer import SAMUNetTrainer, flatten_masks
@@ -15,6 +15,7 @@ __all__ = [
     "ProgressBar",
     "PromptEvaluationReport",
     "summarise",
+    "validation_available",
     "InteractiveDecoding",
     "corrective_clicks",
     "initial_prompts",

@@ -81,7 +81,8 @@ class SAMUNetEvaluator(SupervisedEvaluator):
     with ``status="empty_mask"`` and are counted per modality in the summaries.
 
     ``engine.state.output`` holds ``"rows"`` (one dict per mask and mode), ``PRED`` / ``LABEL`` for the key mode (for
-    MONAI metrics and handlers) and, for overlays, ``"cases"``. Attach :class:`PromptModeMetric` (``key_val_metric``) for
+    MONAI metrics and handlers) and, for overlays, ``"cases"`` (mode -> the prompted mask indices, their predictions
+    and their first prompt, network-frame pixels x, y). Attach :class:`PromptModeMetric` (``key_val_metric``) for
     a scalar mean Dice, and :class:`bundle.engines.handlers.PromptEvaluationReport` for CSV / JSON / PNG output.
 
     Args:
@@ -201,7 +202,7 @@ class SAMUNetEvaluator(SupervisedEvaluator):
                     **prompt,
                 )
                 pred = (unwrap(engine.network).upsample_logits(lows[-1].float()) > 0).float()
-                cases[mode] = (keep, pred)
+                cases[mode] = (keep, pred, prompt)
                 if mode == self.key_mode:
                     key_pred[keep] = pred
                 for row_i, mask_i in enumerate(keep.tolist()):

@@ -7,8 +7,10 @@ import heapq
 import json
 import logging
 import math
+import os
+import textwrap
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,9 @@ from monai.handlers import CheckpointSaver
 from bundle.io import atomic_write
 from bundle.networks.contract import CONTRACT_KEY
 
-__all__ = ["AtomicCheckpointSaver", "ProgressBar", "PromptEvaluationReport", "summarise"]
+from .evaluator import parse_mode
+
+__all__ = ["AtomicCheckpointSaver", "ProgressBar", "PromptEvaluationReport", "summarise", "validation_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +114,21 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 # ------------------------------------------------------------------------------------------------------------ report
+def validation_available(datalist: Sized, ckpt_dir: str | os.PathLike) -> bool:
+    """Whether a training run has validation data; when it has none, says so (and what is saved instead).
+
+    ``configs/train.json`` then disables its ``ValidationHandler`` and saves the final weights as
+    ``<ckpt_dir>/model.pt`` (where the best-validation model would be), beside ``checkpoint_final.pt``.
+    """
+    if len(datalist):
+        return True
+    logger.warning(
+        "the validation datalist is empty: training runs without validation, and its final weights are saved as %s",
+        os.path.join(os.fspath(ckpt_dir), "model.pt"),
+    )
+    return False
+
+
 def summarise(rows: Iterable[dict]) -> list[dict]:
     """Per (modality, mode) and per mode over all modalities ("all"): mask counts (empty ones included), mean /
     median / std Dice and mean NSD over the evaluated (non-empty) masks."""
@@ -183,7 +202,7 @@ class PromptEvaluationReport:
         image = output["image"]
         masks = output["label"]
         lookup = {(r["mode"], r["flat_index"]): r for r in rows if r["status"] == "ok"}
-        for mode, (keep, pred) in output.get("cases", {}).items():
+        for mode, (keep, pred, prompt) in output.get("cases", {}).items():
             for row_i, mask_i in enumerate(keep.tolist()):
                 row = lookup.get((mode, mask_i))
                 if row is None or math.isnan(row["dice"]):
@@ -199,6 +218,7 @@ class PromptEvaluationReport:
                     masks[mask_i, 0].cpu().numpy() > 0.5,
                     pred[row_i, 0].cpu().numpy() > 0.5,
                     dict(row),
+                    {name: value[row_i].tolist() for name, value in prompt.items()},
                 )
                 item = (entry_key[0], entry_key[1], arrays)
                 if len(heap) < self.worst_k:
@@ -245,19 +265,17 @@ class PromptEvaluationReport:
         for part in worst_parts:
             for mode, items in part.items():
                 merged[mode].extend(items)
+        import matplotlib.pyplot as plt
+
         for mode, items in merged.items():
             items = sorted(items, key=lambda a: a[3]["dice"])[: self.worst_k]
-            for rank, (grey, gt, pred, row) in enumerate(items):
-                safe = "".join(
-                    c if c.isalnum() or c in "-_." else "_" for c in f"{mode}_{rank}_{row['image']}_{row['mask_index']}"
-                )
-                _overlay(
-                    grey,
-                    gt,
-                    pred,
-                    f"{row['image']} mask {row['mask_index']} {mode}: Dice {row['dice']:.3f}",
-                    worst_dir / f"{safe}.png",
-                )
+            for rank, (grey, gt, pred, row, prompt) in enumerate(items):
+                name = f"{Path(str(row['image'])).name} mask {row['mask_index']}"
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{mode}_{rank}_{name}")
+                figure = overlay_figure(grey, gt, pred, overlay_title(name, mode, row), prompt)
+                with atomic_write(worst_dir / f"{safe}.png") as tmp:
+                    figure.savefig(tmp, dpi=100)
+                plt.close(figure)
 
     @staticmethod
     def _chart(summary: list[dict], path: Path) -> None:
@@ -305,21 +323,39 @@ def _atomic_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def _overlay(grey: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str, path: Path) -> None:
+def overlay_title(name: str, mode: str, row: dict) -> str:
+    """The file name (wrapped), then the mode and its figures (and, for interactive modes, what is drawn)."""
+    lines = textwrap.wrap(name, 44, break_on_hyphens=False) + [f"{mode}: Dice {row['dice']:.3f}, NSD {row['nsd']:.3f}"]
+    kind, count = parse_mode(mode)
+    if kind == "interactive":
+        lines.append(f"(first prompt drawn; then {count} corrective clicks)")
+    return "\n".join(lines)
+
+
+def overlay_figure(grey: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str, prompt: dict | None = None):
+    """A matplotlib figure of one mask: the network-frame image, ground truth (green), prediction (red) and the
+    prompt (``{"boxes": [x0, y0, x1, y1]}`` in yellow; ``{"points": [[x, y], ...], "point_labels": [...]}``:
+    foreground clicks as green +, background as red x, padding (-1) skipped); the title fits inside the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = plt.subplots(figsize=(4, 4.6))
     ax.imshow(grey, cmap="gray")
     if gt.any():
         ax.contour(gt.astype(float), levels=[0.5], colors="lime", linewidths=1)
     if pred.any():
         ax.contour(pred.astype(float), levels=[0.5], colors="red", linewidths=1)
-    ax.set_title(title, fontsize=7)
+    prompt = prompt or {}
+    if prompt.get("boxes") is not None:
+        x0, y0, x1, y1 = prompt["boxes"]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1))
+    for (x, y), label in zip(prompt.get("points") or [], prompt.get("point_labels") or []):
+        if label >= 0:
+            ax.plot(x, y, marker="+" if label else "x", color="lime" if label else "red", markersize=8, mew=2)
+    ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    return fig
