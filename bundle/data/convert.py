@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..io import LoadMedicalImage, strip_extensions
+from ..quiet import quiet_third_party
 from ..transforms.intensity import ModalityNormalize
 from ..transforms.modality import parse_modality, resolve_modality
 from .sa_med2d import (
@@ -72,13 +73,15 @@ class ConversionReport:
     dropped_components: int = 0
     slices_all_dropped: int = 0
     empty_cases: list[str] = field(default_factory=list)
+    cases_all_dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         sizes = ", ".join(f"{name} {len(cases)}" for name, cases in self.splits.items())
         return (
             f"{self.images} images ({self.images_per_axis}), {self.masks} masks; cases: {sizes}; skipped: "
             f"{self.dropped_components} small components, {self.slices_all_dropped} slices with only small "
-            f"components, {len(self.empty_cases)} cases with an empty label map {self.empty_cases}"
+            f"components, {len(self.empty_cases)} cases with an empty label map {self.empty_cases}, "
+            f"{len(self.cases_all_dropped)} cases with only small components {self.cases_all_dropped}"
         )
 
 
@@ -158,11 +161,12 @@ def convert_to_sa_med2d(
                 logger.warning("%s: label map %s is empty; case skipped", case.case, case.label)
                 continue
             grey = np.rint(normalizer.normalize(image, mod, case.image).numpy()).astype(np.uint8)
-            written = 0
+            written, lost, slice_shape = 0, 0, None
             for s in iter_labelled_slices(grey, label, axes, min_fraction):
                 report.dropped_components += s.dropped
                 if not s.masks:
                     report.slices_all_dropped += 1
+                    lost, slice_shape = lost + 1, s.image.shape[-2:]
                     continue
                 name = format_image_name(prefix, dataset, case.case, s.axis, s.index)
                 _save_png(np.ascontiguousarray(s.image[0]), os.path.join(work, IMAGES_DIR, name), case.image)
@@ -178,8 +182,22 @@ def convert_to_sa_med2d(
                 report.masks += len(mask_paths)
                 written += 1
             report.images += written
+            if not written and lost:
+                report.cases_all_dropped.append(case.case)
+                logger.warning(
+                    "%s: no image written: every component on its %d labelled slice(s) is smaller than SA-Med2D's "
+                    "size rule (min_fraction %.3g of the slice area: %.0f px of a %d x %d slice; 100 px at 256 x 256); "
+                    "lower --min-fraction (0 keeps every component) to keep them",
+                    case.case,
+                    lost,
+                    min_fraction,
+                    min_fraction * slice_shape[0] * slice_shape[1],
+                    *slice_shape,
+                )
             if progress:
                 bar.write(f"{case.case} ({split_of[case.case]}, {prefix}): {written} images", file=sys.stderr)
+        if not report.images:
+            raise ValueError(f"no image written, nothing to train on: {report.summary()}")
         _write_json(all_images, os.path.join(work, ALL_IMAGES_JSON))
         for name, mapping in image2label.items():
             _write_json(mapping, os.path.join(work, image2label_json(name)))
@@ -261,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the converter CLI; returns the exit status (0 done, 1 input error)."""
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
         report = convert_to_sa_med2d(
