@@ -317,13 +317,9 @@ def test_3d_one_slice_box_on_a_full_real_scan_matches_the_cli(client, shared_dat
     assert np.array_equal(served, expected)
 
 
-def test_training_from_saved_labels_publishes_weights_the_next_inference_uses(server, client, image_id, test_data_dir):
-    _, before = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
-    saved = client.save_label(image_id, str(test_data_dir / "lung1_crop_label.nrrd"), tag="final")
-    assert saved["label"] == image_id
-    client.train_start(
-        "sam_unet", {"max_epochs": 1, "batch_size": 4, "interactive_iterations": 1, "learning_rate": 1e-4}
-    )
+def _train(server, client, params: dict) -> dict:
+    """Run the train task in the server's background process; returns ``/info``'s ``train_stats``."""
+    client.train_start("sam_unet", params)
     deadline = time.monotonic() + 1500
     while time.monotonic() < deadline:
         status = client.train_status()
@@ -331,14 +327,53 @@ def test_training_from_saved_labels_publishes_weights_the_next_inference_uses(se
             break
         time.sleep(3)
     assert status.get("status") == "DONE", json.dumps(status, indent=1)[-3000:]
+    return requests.get(f"{server.url}/info/", timeout=60).json()["train_stats"]["sam_unet"]
+
+
+def test_training_needs_a_label_to_hold_out(tmp_path, test_data_dir):
+    from bundle.label.train import SAMUNetTrainTask
+
+    class OneLabel:
+        def datalist(self):
+            return [{"image": str(test_data_dir / "lung1_crop_image.nrrd"), "label": str(test_data_dir / "x.nrrd")}]
+
+    task = SAMUNetTrainTask(REPO_ROOT, tmp_path / "model" / "sam_unet.pt")
+    with pytest.raises(ValueError, match="1 saved label.*at least 2, as one is held out"):
+        task({}, OneLabel())
+    assert not (tmp_path / "model").exists()
+
+
+#: two saved MR labels: the train task holds one case out for validation (train 1, validation 1)
+TRAIN = {"max_epochs": 2, "batch_size": 2, "interactive_iterations": 0, "modality": "mr"}
+
+
+def test_training_that_lowers_held_out_dice_is_kept_beside_the_served_model(server, client, image_id, test_data_dir):
+    for case in ("brain1_crop", "breast1_crop"):
+        assert client.upload_image(str(test_data_dir / f"{case}_image.nrrd"), case) == {"image": case}
+        saved = client.save_label(case, str(test_data_dir / f"{case}_label.nrrd"), tag="final")
+        assert saved["label"] == case
+    stats = _train(server, client, {**TRAIN, "learning_rate": 1.0})  # a step this large wrecks the decoder
+    assert stats["validation_cases"] == 1 and stats["training_cases"] == 1 and stats["cases"] == 2
+    assert stats["served_model"] == "litemedsam" and 0.5 < stats["served_dice"] <= 1
+    assert stats["trained_dice"] < stats["served_dice"] and stats["published"] is False, stats
+    model_dir = server.app_dir / "model"
+    assert (model_dir / "sam_unet_rejected.pt").is_file() and not (model_dir / "sam_unet.pt").exists()
+    assert stats["model"] == str(model_dir / "sam_unet_rejected.pt")
+    _, answer = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
+    assert answer["model_version"] == "litemedsam"  # still the served model
+
+
+def test_training_from_saved_labels_publishes_weights_the_next_inference_uses(server, client, image_id, test_data_dir):
+    _, before = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
+    stats = _train(server, client, {**TRAIN, "learning_rate": 0.0})  # the served weights: the same held-out Dice
+    assert stats["published"] is True and stats["trained_dice"] == stats["served_dice"], stats
     published = server.app_dir / "model" / "sam_unet.pt"
-    assert published.is_file()
+    assert published.is_file() and stats["model"] == str(published)
 
     _, after = client.infer("sam_unet", image_id, {"roi": ROI, "slice": SLICE})
     assert before["model_version"] in ("litemedsam",) and after["model_version"].startswith("sam_unet.pt:")
     assert after["encoded_slices"] == 1  # the embedding cache was cleared with the old weights
-    info = requests.get(f"{server.url}/info/", timeout=60).json()
-    assert info["train_stats"]["sam_unet"]["images"] >= 1
+    assert stats["images"] >= 2
 
 
 def test_binds_to_loopback_unless_told_otherwise(tmp_path):
