@@ -1,9 +1,11 @@
-"""The bundle as MONAI tools see it: metadata, verify_net_in_out, ConfigWorkflow properties, large-file list."""
+"""The bundle as MONAI tools see it: metadata, verify_net_in_out, ConfigWorkflow properties, large-file list (the
+documented verify_net_in_out command of configs/inference.json runs in test_docs.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ def test_metadata_declares_network_io_and_versions():
     assert f"torch=={meta['pytorch_version']}" in constraints
 
 
-@pytest.mark.parametrize("config", ["configs/inference.json", "configs/inference_auto.json"])
+@pytest.mark.parametrize("config", ["configs/inference_auto.json"])
 def test_verify_net_in_out_runs_as_users_run_it(config):
     run = subprocess.run(
         [
@@ -51,6 +53,20 @@ def test_verify_net_in_out_runs_as_users_run_it(config):
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "data shape of network is verified with no error" in run.stdout + run.stderr
+
+
+def test_metadata_reports_the_default_models_measured_figures_and_the_monai_label_app():
+    """eval_metrics are the figures docs/benchmarks.md measured for the default weights, not the paper's."""
+    meta = json.loads((ROOT / "configs/metadata.json").read_text())
+    record = (ROOT / "docs" / "benchmarks.md").read_text()
+    dice, nsd = re.search(r"\| \*\*all slices\*\* \| 13 \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \|", record).groups()
+    assert meta["eval_metrics"] == {"mean_dice": float(dice), "mean_nsd_2mm": float(nsd)}
+    assert (
+        "LiteMedSAM" in meta["eval_data"] and "lung1" in meta["eval_data"] and "docs/benchmarks.md" in meta["eval_data"]
+    )
+    assert "monailabel" in meta["supported_apps"] and (ROOT / "bundle" / "label" / "app" / "main.py").is_file()
+    readme = (ROOT / "docs" / "README.md").read_text()
+    assert "## Default model" in readme and f"**{dice}**" in readme and f"**{nsd}**" in readme
 
 
 def test_inference_config_has_the_properties_monai_requires():
