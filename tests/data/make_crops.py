@@ -1,6 +1,6 @@
 """Recreate the cropped test fixtures from the pyradiomics test data (see README.md here).
 
-python tests/data/make_crops.py /path/to/shared/data
+python tests/data/make_crops.py /path/to/shared/data [CASE ...]
 """
 
 import os
@@ -13,6 +13,7 @@ import numpy as np
 CROPS = {
     "lung1": ((170, 312, 30), (96, 96, 8)),
     "breast1": ((0, 40, 6), (45, 64, 8)),
+    "brain1": ((150, 76, 10), (72, 88, 9)),
 }
 
 
@@ -41,11 +42,13 @@ def objects_label(image, label):
     return out
 
 
-def main(source: str) -> None:
+def main(source: str, cases=None) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     for case, (start, size) in CROPS.items():
+        if cases and case not in cases:
+            continue
         image = crop(itk.imread(os.path.join(source, f"{case}_image.nrrd")), start, size)
-        label = crop(itk.imread(os.path.join(source, f"{case}_label.nrrd")), start, size)
+        label = crop(itk.imread(os.path.join(source, f"{case}_label.nrrd"), itk.UC), start, size)
         label_u8 = itk.image_from_array(itk.array_from_image(label).astype(np.uint8))
         label_u8.CopyInformation(label)
         itk.imwrite(image, os.path.join(here, f"{case}_crop_image.nrrd"), compression=True)
@@ -57,4 +60,4 @@ def main(source: str) -> None:
 
 if __name__ == "__main__":
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")
-    main(sys.argv[1] if len(sys.argv) > 1 else default)
+    main(sys.argv[1] if len(sys.argv) > 1 else default, sys.argv[2:])
