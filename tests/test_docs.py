@@ -211,13 +211,13 @@ class _ArgumentsAccepted(Exception):
 
 def _check_script_arguments(root: Path, argv: list[str], monkeypatch, capsys) -> None:
     """Parse a script's arguments with its own argparse parser, and stop there (nothing runs)."""
-    parse = argparse.ArgumentParser.parse_args
+    parse = argparse.ArgumentParser.parse_known_args  # parse_args calls it too
 
     def accept(self, *args, **kwargs):
         parse(self, *args, **kwargs)
         raise _ArgumentsAccepted
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", accept)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", accept)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.chdir(root)
     try:
@@ -227,6 +227,10 @@ def _check_script_arguments(root: Path, argv: list[str], monkeypatch, capsys) ->
     except SystemExit as stop:
         pytest.fail(f"{argv[0]} refuses the documented arguments (exit {stop.code}): {capsys.readouterr().err}")
     pytest.fail(f"{argv[0]} never parsed its arguments")
+
+
+#: ``monai.bundle run`` arguments that are not config ids
+MONAI_RUN_ARGUMENTS = ("meta_file", "logging_file", "tracking", "args_file", "workflow_type", "init_id", "run_id")
 
 
 def _check_bundle_arguments(root: Path, argv: list[str]) -> None:
@@ -239,12 +243,14 @@ def _check_bundle_arguments(root: Path, argv: list[str]) -> None:
     files = ast.literal_eval(files) if files.startswith("[") else [files]
     parser = ConfigParser()
     parser.read_config([str(root / f) for f in files])
-    unknown = [key for key in options if key[2:] not in parser and key[2:] not in ("meta_file", "logging_file")]
+    unknown = [key for key in options if key[2:] not in parser and key[2:] not in MONAI_RUN_ARGUMENTS]
     assert not unknown, f"config ids not in {files}: {unknown}"
 
 
 def _check_measurement(root: Path, item: DocCommand, monkeypatch, capsys) -> None:
     argv = shlex.split(_substitute(item.text).replace("\\\n", " "), comments=True)
+    if argv[0] == "torchrun":  # its processes run what python -m would
+        argv = ["python", *argv[argv.index("-m") :]]
     assert argv[0] == "python", f"{item.id}: expected a python command, got {argv[0]}"
     if argv[1] == "-m":
         _check_bundle_arguments(root, argv[1:])

@@ -102,6 +102,14 @@ def test_frozen_fingerprint_tracks_only_the_encoder(small_net):
     assert frozen_fingerprint(net) != before
 
 
+def test_frozen_fingerprint_reads_zero_dim_buffers():
+    """TinyViT's frozen BatchNorm layers (the default network) hold 0-dim int64 ``num_batches_tracked`` buffers."""
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    before = frozen_fingerprint(net, exclude_vars=".")
+    net[0].num_batches_tracked.add_(1)
+    assert frozen_fingerprint(net, exclude_vars=".") != before
+
+
 def test_flmodel_exchange_object_bridge():
     from monai.fl.utils.constants import FlStatistics, WeightType
     from monai.fl.utils.exchange_object import ExchangeObject

@@ -66,7 +66,8 @@ def frozen_fingerprint(network: nn.Module, exclude_vars: str = FROZEN_VARS) -> s
     for key in sorted(local):
         tensor = state[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # flattened first: a 0-dim buffer (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
