@@ -229,22 +229,26 @@ def _check_script_arguments(root: Path, argv: list[str], monkeypatch, capsys) ->
     pytest.fail(f"{argv[0]} never parsed its arguments")
 
 
-#: ``monai.bundle run`` arguments that are not config ids
-MONAI_RUN_ARGUMENTS = ("meta_file", "logging_file", "tracking", "args_file", "workflow_type", "init_id", "run_id")
-
-
 def _check_bundle_arguments(root: Path, argv: list[str]) -> None:
-    """``python -m monai.bundle run --config_file ... --id value``: the configs exist and define every id."""
+    """``python -m monai.bundle COMMAND [NET_ID] --config_file ... --name value``: the configs exist, and every name is
+    an argument of MONAI's ``COMMAND`` or (for ``run``) a config id; a ``NET_ID`` is a config id."""
+    import inspect
+
+    import monai.bundle.scripts
     from monai.bundle import ConfigParser
 
-    assert argv[:3] == ["-m", "monai.bundle", "run"], argv
-    options = dict(zip(argv[3::2], argv[4::2]))
+    assert argv[:2] == ["-m", "monai.bundle"], argv
+    command, rest = argv[2], argv[3:]
+    net_id = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    options = dict(zip(rest[::2], rest[1::2]))
     files = options.pop("--config_file")
     files = ast.literal_eval(files) if files.startswith("[") else [files]
     parser = ConfigParser()
     parser.read_config([str(root / f) for f in files])
-    unknown = [key for key in options if key[2:] not in parser and key[2:] not in MONAI_RUN_ARGUMENTS]
-    assert not unknown, f"config ids not in {files}: {unknown}"
+    accepted = set(inspect.signature(getattr(monai.bundle.scripts, command)).parameters)
+    unknown = [k for k in options if k[2:] not in accepted and not (command == "run" and k[2:] in parser)]
+    assert not unknown, f"neither arguments of monai.bundle {command} nor config ids of {files}: {unknown}"
+    assert net_id is None or net_id in parser, f"{net_id} is not a config id of {files}"
 
 
 def _check_measurement(root: Path, item: DocCommand, monkeypatch, capsys) -> None:
