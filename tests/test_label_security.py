@@ -208,7 +208,9 @@ def test_stale_unsafe_ids_are_never_resolved_to_files(site, guarded):
     assert all("escape_upload" not in item["image"] for item in listing)
 
 
-@pytest.mark.parametrize("where", ["temp folder (absolute)", "server folder (relative)", "in params", "id-like"])
+@pytest.mark.parametrize(
+    "where", ["temp folder (absolute)", "server folder (relative)", "in params", "id-like", "label in params"]
+)
 def test_infer_reads_no_path_outside_the_datastore(site, guarded, where):
     absolute = str(site["outside"] / "brain1_image.nrrd")
     image, params = {
@@ -216,6 +218,7 @@ def test_infer_reads_no_path_outside_the_datastore(site, guarded, where):
         "server folder (relative)": ("../in/brain1_image.nrrd", {"roi": ROI}),
         "in params": (IMAGE_ID, {"roi": ROI, "image": absolute}),
         "id-like": ("../../in/brain1_image", {"roi": ROI}),
+        "label in params": (IMAGE_ID, {"roi": ROI, "label": str(site["outside"] / "victim.nrrd")}),
     }[where]
     with guarded:
         response = infer(site, image, params)
@@ -259,6 +262,8 @@ def test_oversized_prompt_lists_are_refused_before_any_work(site):
     start = time.perf_counter()
     assert_refused(infer(site, IMAGE_ID, {"foreground": clicks}), 413, "at most 64 per slice")
     assert_refused(infer(site, IMAGE_ID, {"roi": [ROI] * 1000}), 413, "at most 8 per request")
+    objects = [{"roi": ROI, "label": "lesion"}] * 9
+    assert_refused(infer(site, IMAGE_ID, {"objects": objects}), 413, "9 boxes / objects in one request")
     assert time.perf_counter() - start < 30
     # the server keeps serving normal requests
     response = infer(site, IMAGE_ID, {"roi": ROI, "slice": 3})
