@@ -12,9 +12,12 @@ into place, so a failed or killed write never leaves a truncated file under the 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import uuid
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform, Transform
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -31,6 +36,7 @@ __all__ = [
     "KNOWN_SUFFIXES",
     "LABEL_SUFFIXES",
     "TEMP_MARKER",
+    "remove_stale_temps",
     "image_suffix",
     "strip_extensions",
     "is_display_file",
@@ -92,6 +98,37 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files a killed :func:`atomic_write` left in ``folder`` (only those of the destination
+    file ``names`` when given); returns what was removed. Writers call it before they start, so a run that was
+    killed mid-write leaves no litter behind the next one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None
+    if names is not None:
+        wanted = set()
+        for name in names:
+            suffix = image_suffix(name) or Path(name).suffix
+            wanted.add((name[: len(name) - len(suffix)] if suffix else name, suffix))
+    removed = []
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if not match or not path.is_file() or (wanted is not None and match.group(1, 2) not in wanted):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    if removed:
+        logger.info(
+            "removed %d stale temporary file(s) of an interrupted run: %s", len(removed), sorted(map(str, removed))
+        )
+    return removed
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)" + re.escape(TEMP_MARKER) + r"[0-9a-f]{8}(.*)$")
 
 
 # ----------------------------------------------------------------------------------------------------------- reading

@@ -323,3 +323,43 @@ def test_failed_write_leaves_no_partial_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         runner([{"image": str(src), "box": BOX}], tmp_path / "out").run()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_output_locations_are_checked_before_anything_is_read(tmp_path):
+    """A bad output_dir / postfix / output_name is refused before the (here missing) input is even opened."""
+    missing = str(tmp_path / "not_read.nii.gz")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        ({"output_dir": a_file}, "output_dir .*a_file is a file; give a folder"),
+        ({"output_dir": a_file / "sub"}, "cannot be made: .*a_file is a file"),
+        ({"output_dir": ""}, "output_dir is empty"),
+        ({"output_postfix": "/../../escape"}, "output_postfix '/../../escape' must be part of a file name"),
+        ({"output_name": "mask"}, "output_name 'mask' needs a name and a mask format's extension"),
+        ({"output_name": "../up.nii.gz"}, "output_name '../up.nii.gz' must be part of a file name"),
+        ({"output_name": ".nii.gz"}, "needs a name"),
+    ]
+    if Path("/proc/self").is_dir():  # a folder nobody can write in, even root
+        cases.append(({"output_dir": "/proc/sam_unet_out"}, "output_dir /proc/sam_unet_out is not writable"))
+    for setting, message in cases:
+        item = {"image": missing, "box": BOX}
+        if "output_name" in setting:
+            item["output_name"] = setting.pop("output_name")
+        out = setting.pop("output_dir", tmp_path / "out")
+        with pytest.raises(ValueError, match=message):
+            runner([item], out, **setting).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
+    src = write_nifti(tmp_path / "case.nii.gz", sphere_hu()[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".case_seg.tmp-0123abcd.nii.gz"  # the name bundle.io.atomic_write gives the mask
+    stale.write_bytes(b"")
+    others = [out / ".other_seg.tmp-0123abcd.nii.gz", out / "notes.txt"]  # not this run's: kept
+    for path in others:
+        path.write_bytes(b"x")
+    runner([{"image": str(src), "box": BOX}], out).run()
+    assert not stale.exists() and all(p.exists() for p in others)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["case_seg.nii.gz"] + [p.name for p in others])

@@ -71,8 +71,10 @@ def test_killed_run_resumes_to_the_same_iteration_count(tmp_path_factory, tmp_pa
     killed_at = _iteration(last)  # the checkpoint a kill left behind loads
     assert PER_EPOCH < killed_at < EPOCHS * PER_EPOCH
     assert not (tmp_path / "models" / "checkpoint_final.pt").exists()
-    # a kill during a write can at most leave a temporary file beside it (tmpXXXX), never a partial checkpoint name
-    assert all(p.name.startswith("tmp") or p.suffix == ".pt" for p in last.parent.iterdir())
+    # a kill during a write can at most leave a hidden temporary file beside it, never a partial checkpoint name
+    assert all(".tmp-" in p.name or p.suffix == ".pt" for p in last.parent.iterdir())
+    partial = last.parent / ".checkpoint_last.tmp-0123abcd.pt"  # what a kill inside torch.save leaves
+    partial.write_bytes(b"PK\x03\x04 partial")
 
     resumed = subprocess.run(
         _command(tmp_path, train_json, val_json, resume=True),
@@ -83,6 +85,7 @@ def test_killed_run_resumes_to_the_same_iteration_count(tmp_path_factory, tmp_pa
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not [p.name for p in last.parent.iterdir() if ".tmp-" in p.name]  # the resumed run removed the litter
     final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True, map_location="cpu")
     assert final["trainer"]["iteration"] == EPOCHS * PER_EPOCH
     assert final["trainer"]["max_epochs"] == EPOCHS and final["trainer"]["epoch_length"] == PER_EPOCH

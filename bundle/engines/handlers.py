@@ -19,7 +19,7 @@ from ignite.handlers import DiskSaver
 from ignite.handlers import ProgressBar as IgniteProgressBar
 from monai.handlers import CheckpointSaver
 
-from bundle.io import atomic_write
+from bundle.io import atomic_write, remove_stale_temps
 from bundle.networks.contract import CONTRACT_KEY
 
 __all__ = ["AtomicCheckpointSaver", "ProgressBar", "PromptEvaluationReport", "summarise"]
@@ -81,7 +81,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's CheckpointSaver with atomic writes (MONAI's own saver uses ``atomic=False``, so a kill during
     ``torch.save`` leaves a truncated file), the model contract, and a fixed file name for interval checkpoints
     (``interval_filename``, e.g. ``checkpoint_last.pt``, what a resumed run loads). Saves on rank 0 only under
-    torch.distributed (ignite).
+    torch.distributed (ignite). The partial temporary files of a run killed while saving are removed at start.
 
     When ``save_dict`` holds a ``model`` with a model contract (a SAMUNet), its contract is saved beside it under
     ``network`` (:class:`bundle.networks.ContractEntry`), so ``models/model.pt`` is ``{"model": state_dict,
@@ -98,6 +98,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             save_dict[CONTRACT_KEY] = ContractEntry(model)
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(save_dir)  # a run killed during torch.save left a partial hidden file
         wrap = next(iter(save_dict)) if len(save_dict) == 1 else None
         if self._final_checkpoint is not None:
             self._final_checkpoint.save_handler = _AtomicDiskSaver(save_dir, self._final_filename, wrap)
