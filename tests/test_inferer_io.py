@@ -178,23 +178,27 @@ def test_dicom_series_cannot_be_written_as_input_format(tmp_path):
 
 
 def test_png_image_with_2d_box_and_clicks(tmp_path):
+    """2D prompts are column first on the array ``LoadImage`` returns (``[x, y]``): box ``[x0, y0, x1, y1]``, click
+    ``[x, y]``; the PNG mask is upright like its image and a NIfTI mask is ``[x, y]`` like the input's array."""
     from PIL import Image
 
     yy, xx = np.mgrid[:60, :90]
-    disc = (yy - 25) ** 2 + (xx - 50) ** 2 < 12**2  # array [row i, column j]
+    disc = (yy - 25) ** 2 + (xx - 50) ** 2 < 12**2  # the file's rows (y) and columns (x)
     Image.fromarray(np.where(disc, 220, 30).astype(np.uint8)).save(tmp_path / "photo.png")
     run = runner(
-        [{"image": str(tmp_path / "photo.png"), "box": [10, 35, 40, 65]}], tmp_path / "out", output_format="input"
+        [{"image": str(tmp_path / "photo.png"), "box": [35, 10, 65, 40]}], tmp_path / "out", output_format="input"
     )
     run.run()
     written = np.asarray(Image.open(tmp_path / "out" / "photo_seg.png"))
     assert written.shape == (60, 90) and set(np.unique(written)) == {0, 255}
     np.testing.assert_array_equal(written > 0, disc)
-    run = runner([{"image": str(tmp_path / "photo.png"), "points": [[25, 50]], "point_labels": [1]}], tmp_path / "out2")
+    run = runner([{"image": str(tmp_path / "photo.png"), "points": [[50, 25]], "point_labels": [1]}], tmp_path / "out2")
     run.run()
     mask = np.asarray(nib.load(str(tmp_path / "out2" / "photo_seg.nii.gz")).dataobj)
-    assert mask.shape == (60, 90)
-    np.testing.assert_array_equal(mask > 0, disc)
+    assert mask.shape == (90, 60)
+    np.testing.assert_array_equal(mask > 0, disc.T)
+    with pytest.raises(ValueError, match=r"y=60 not in \[0, 59\] \(image size 90 x 60, x then y\)"):
+        runner([{"image": str(tmp_path / "photo.png"), "box": [10, 35, 40, 60]}], tmp_path / "out3").run()
 
 
 def test_single_slice_dicom_is_a_2d_image(tmp_path):

@@ -391,8 +391,11 @@ class VolumeInferenceRunner:
         axis = objects[0].plan.axis
         volume = to_slices(normalized, axis)
         image_id = (os.path.abspath(source), modality)
+        # a 2D image [x, y] (one slice along the last axis) is shown upright, rows = y, whatever transpose_slices says
+        upright = len(spatial) == 2 or (spatial[-1] == 1 and axis == 2)
+        transpose = True if upright else self.inferer.transpose
         labels, per_object = self.inferer.segment_objects(
-            volume, [o.plan for o in objects], image_id=image_id, labels=[o.label for o in objects]
+            volume, [o.plan for o in objects], image_id=image_id, labels=[o.label for o in objects], transpose=transpose
         )
         label_out = from_slices(labels, spatial, axis)
         mask_out = label_out.astype(label_dtype(objects)) if output.sidecar else label_out > 0
@@ -428,9 +431,7 @@ class VolumeInferenceRunner:
 
             montage_path = output.path.parent / f"{strip_extensions(output.path.name)}_montage.png"
             result["montage"] = os.fspath(
-                write_montage(
-                    volume, labels if output.sidecar else labels > 0, slices, montage_path, self.inferer.transpose
-                )
+                write_montage(volume, labels if output.sidecar else labels > 0, slices, montage_path, transpose)
             )
         result["seconds"] = time.perf_counter() - start
         logger.info(
