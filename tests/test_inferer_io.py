@@ -309,10 +309,27 @@ def test_output_into_a_dicom_series_folder_is_refused(tmp_path):
 def test_missing_file_and_unknown_modality(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
         runner([{"image": str(tmp_path / "nope.nii.gz"), "box": BOX}], tmp_path / "out").run()
-    src = write_nifti(tmp_path / "case.nii.gz", sphere_hu()[0])
+    hu, _ = sphere_hu()
+    src = write_nifti(tmp_path / "case.nii.gz", (hu + 800).astype(np.int16))  # no air: not recognisably CT
     with pytest.raises(ValueError, match="modality unknown"):
         runner([{"image": str(src), "box": BOX}], tmp_path / "out", modality=None).run()
     assert not (tmp_path / "out").exists()
+
+
+def test_modality_inferred_from_hounsfield_units_and_meaningless_input_refused(tmp_path, caplog):
+    hu, _ = sphere_hu()
+    ct = write_nifti(tmp_path / "ct.nii.gz", hu)  # no modality anywhere, but air at -800 HU
+    with caplog.at_level("INFO", logger="bundle.transforms.modality"):
+        (result,) = runner([{"image": str(ct), "box": BOX}], tmp_path / "out", modality=None).run()
+    assert result["voxels"] > 0 and "modality ct, inferred from its intensities" in caplog.text
+    cases = [
+        (ct, "mr", r"ct.nii.gz: given as mr, but 9\d% of its values are <= -500 \(range -800 to 300\)"),
+        (write_nifti(tmp_path / "flat.nii.gz", np.full(SHAPE, 40, np.int16)), "ct", "the image is constant"),
+    ]
+    for path, modality, message in cases:
+        with pytest.raises(ValueError, match=message):
+            runner([{"image": str(path), "box": BOX}], tmp_path / "refused", modality=modality).run()
+    assert not (tmp_path / "refused").exists()
 
 
 def test_failed_write_leaves_no_partial_output(tmp_path, monkeypatch):

@@ -350,15 +350,22 @@ class VolumeInferenceRunner:
         axis = self.axis if len(spatial_for_prompts) == 3 else None
         specs = [spec for item in output.items for spec in item_specs(item)]
         objects = plan_objects(specs, spatial_for_prompts, axis, source=path)
-        from bundle.transforms.modality import resolve_modality
+        from bundle.transforms.modality import check_intensities, resolve_modality
 
         given = {item.get("modality") for item in output.items} - {None}
         if len(given) > 1:
             raise ValueError(f"{path}: the datalist items of this image name different modalities {sorted(given)}")
+        intensities = np.asarray(image)
         modality = resolve_modality(
-            image.meta, self.modality, next(iter(given), None), self.default_modality, source=path
-        ).value
-        return image, objects, modality, display
+            image.meta,
+            self.modality,
+            next(iter(given), None),
+            self.default_modality,
+            source=path,
+            intensities=None if display else intensities,
+        )
+        check_intensities(intensities, modality, source=path)
+        return image, objects, modality.value, display
 
     # ------------------------------------------------------------------------------------------------------------ run
     def run(self) -> list[dict]:

@@ -189,7 +189,7 @@ class SAMUNetInferTask(BasicInferTask):
 
     def load_volume(self, path: str, modality: str | None):
         """``(image MetaTensor [1, X, Y, Z], volume [X, Y, Z] in [0, 255], modality, cache key, geometry)``."""
-        from bundle.transforms import resolve_modality
+        from bundle.transforms.modality import check_intensities, resolve_modality
 
         real = self._check_path(path)
         st = os.stat(real)
@@ -211,7 +211,12 @@ class SAMUNetInferTask(BasicInferTask):
             )
         name = os.path.basename(path)
         try:
-            used = resolve_modality(image.meta, self.modality, modality, self.default_modality, source=name).value
+            intensities = np.asarray(image)
+            found = resolve_modality(
+                image.meta, self.modality, modality, self.default_modality, source=name, intensities=intensities
+            )
+            check_intensities(intensities, found, source=name)
+            used = found.value
             volume = to_slices(normalized_volume(image, used, source=name), axis=2)
         except ValueError as error:
             raise RequestError(str(error), status=422) from None
