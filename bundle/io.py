@@ -2,8 +2,10 @@
 
 Reading goes through MONAI ``LoadImage``: volumes (NIfTI, NRRD, MHA, DICOM files and series folders) keep MONAI's
 ITK / nibabel axis order ``[C, i, j(, k)]`` with no reorientation (prompts are indices of that array), DICOM tags
-are kept (``"0008|0060"`` is the Modality); 2D display images (PNG, JPG, BMP) are read by ``PILReader`` with
-``reverse_indexing=False``, so the array is ``[C, H, W]`` in the file's row order.
+are kept (``"0008|0060"`` is the Modality); 2D display images (PNG, JPG, BMP) are read by ``PILReader`` as
+``LoadImage`` reads them, ``[C, x, y]`` (column first: ``array[:, x, y]`` is the pixel in column x, row y), so a 2D
+image is indexed like a volume slice; inference shows it to the network upright (rows = y), training configs
+transpose it to ``[C, y, x]`` (docs/README.md, "Coordinates and orientation").
 
 Every file the bundle writes (masks, montages, reports, checkpoints it publishes) goes through :func:`atomic_write`:
 it is written under a hidden temporary name beside its destination (``.<name>.tmp-<8 hex><suffix>``) and renamed
@@ -12,9 +14,12 @@ into place, so a failed or killed write never leaves a truncated file under the 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import uuid
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +27,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform, Transform
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -31,6 +38,7 @@ __all__ = [
     "KNOWN_SUFFIXES",
     "LABEL_SUFFIXES",
     "TEMP_MARKER",
+    "remove_stale_temps",
     "image_suffix",
     "strip_extensions",
     "is_display_file",
@@ -94,11 +102,42 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files a killed :func:`atomic_write` left in ``folder`` (only those of the destination
+    file ``names`` when given); returns what was removed. Writers call it before they start, so a run that was
+    killed mid-write leaves no litter behind the next one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None
+    if names is not None:
+        wanted = set()
+        for name in names:
+            suffix = image_suffix(name) or Path(name).suffix
+            wanted.add((name[: len(name) - len(suffix)] if suffix else name, suffix))
+    removed = []
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if not match or not path.is_file() or (wanted is not None and match.group(1, 2) not in wanted):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    if removed:
+        logger.info(
+            "removed %d stale temporary file(s) of an interrupted run: %s", len(removed), sorted(map(str, removed))
+        )
+    return removed
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)" + re.escape(TEMP_MARKER) + r"[0-9a-f]{8}(.*)$")
+
+
 # ----------------------------------------------------------------------------------------------------------- reading
 class LoadMedicalImage(Transform):
     """Load one image (or a list of same-sized masks, stacked as channels) as a channel-first MetaTensor.
 
-    ITK reads volumes (with the DICOM tags), PIL reads 2D display images as ``[C, H, W]``.
+    ITK reads volumes (with the DICOM tags), PIL reads 2D display images as ``[C, x, y]`` (as ``LoadImage`` does).
     Raises FileNotFoundError for a missing path, and ValueError naming the file for an unreadable
     file or an image that is not 2D or single-channel 3D (4D / time series are rejected).
     """
@@ -108,7 +147,7 @@ class LoadMedicalImage(Transform):
 
         common = {"image_only": True, "ensure_channel_first": True, "dtype": dtype}
         self.volume_loader = LoadImage(reader=ITKReader(series_meta=True), **common)
-        self.display_loader = LoadImage(reader=PILReader(reverse_indexing=False), **common)
+        self.display_loader = LoadImage(reader=PILReader(), **common)
 
     def __call__(self, filename: str | os.PathLike | Sequence[str | os.PathLike]):
         paths = [os.fspath(filename)] if isinstance(filename, (str, os.PathLike)) else [os.fspath(p) for p in filename]
@@ -257,9 +296,10 @@ def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool =
 
     ``mask`` is a bool mask (written 0/1 uint8) or an integer label map (uint8, or uint16 when its dtype is wider
     than 8 bits: the caller chooses from its largest label). ``image`` is the MetaTensor the mask belongs to (MONAI's
-    nibabel / ITK writers copy its affine) or a :class:`ReferenceGeometry` of its file (the fast ITK path). PNG masks
-    are ``[H, W]``: a bool mask 0/255 (visible), a label map its label values (8 or 16 bit). ``display``: a 2D
-    display image written as NIfTI (its pixel grid, identity affine).
+    nibabel / ITK writers copy its affine) or a :class:`ReferenceGeometry` of its file (the fast ITK path). A 2D mask
+    is ``[x, y]`` like its image; PNG masks are written upright: a bool mask 0/255 (visible), a label map its label
+    values (8 or 16 bit). ``display``: a 2D display image written as NIfTI (its ``[x, y]`` pixel grid, identity
+    affine).
     """
     path = Path(path)
     if isinstance(image, ReferenceGeometry):
@@ -272,8 +312,8 @@ def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool =
         if suffix in DISPLAY_SUFFIXES:
             from PIL import Image
 
-            picture = data * 255 if mask.dtype == bool else data  # [H, W] as PILReader(reverse_indexing=False) read it
-            Image.fromarray(picture).save(tmp)
+            picture = data * 255 if mask.dtype == bool else data
+            Image.fromarray(np.ascontiguousarray(picture.T)).save(tmp)  # PIL takes [rows, columns] = [y, x]
         elif display:
             import nibabel as nib
 

@@ -22,20 +22,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bundle.io import atomic_write  # noqa: E402
 from bundle.networks import SAMUNet  # noqa: E402
 from bundle.networks.contract import CONTRACT_KEY  # noqa: E402
-from bundle.networks.weights import FORMATS, convert_state_dict, read_state_dict  # noqa: E402
+from bundle.networks.weights import (  # noqa: E402
+    FORMATS,
+    convert_state_dict,
+    read_state_dict,
+    require_finite_weights,
+)
 from bundle.quiet import quiet_third_party  # noqa: E402
 
 
 def read_trusted(path: Path) -> dict:
     """Read a checkpoint with full unpickling (only for files the user trusts) and return its model state dict."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a corrupt file can fail anywhere inside the unpickler
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__})") from None
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):
-                return checkpoint[key]
+                checkpoint = checkpoint[key]
+                break
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
-    return checkpoint
+    state = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    require_finite_weights(state, str(path))
+    return state
 
 
 def main(argv=None) -> int:
@@ -53,8 +66,11 @@ def main(argv=None) -> int:
 
     if args.output.resolve() == args.source.resolve():
         parser.error("the output would overwrite the source checkpoint")
-    state = read_trusted(args.source) if args.trust_pickle else read_state_dict(args.source)
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    try:
+        state = read_trusted(args.source) if args.trust_pickle else read_state_dict(args.source)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     net = SAMUNet(
         args.backbone, conv_branch=args.conv_branch, fusion=not args.no_fusion, decoder_tokens=args.decoder_tokens
     )
@@ -72,4 +88,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bundle.cli import run_main  # any other failure: one line, exit code 1
+
+    sys.exit(run_main(main))

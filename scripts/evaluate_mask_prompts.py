@@ -56,11 +56,11 @@ def variants(truth: np.ndarray, k: int) -> dict[str, np.ndarray]:
     return {name: m for name, m in out.items() if m.any()}
 
 
-def covered_slices(inferer, volume: np.ndarray, truth: np.ndarray, case: str) -> list[dict]:
-    """Dice per lesion slice and mask variant, switch off and on."""
+def covered_slices(inferer, volume: np.ndarray, truth: np.ndarray, case: str, transpose: bool) -> list[dict]:
+    """Dice per lesion slice and mask variant, switch off and on (``transpose``: how the slices are shown)."""
     from bundle.inferers import SliceFrame, SlicePrompt, mask_plan
 
-    frame = SliceFrame(volume.shape[-3:-1], inferer.image_size, inferer.transpose)
+    frame = SliceFrame(volume.shape[-3:-1], inferer.image_size, transpose)
     slices = [k for k in range(truth.shape[-1]) if truth[..., k].any()]
     rows = []
     features = dict(zip(slices, inferer.features_for(volume, slices, case, 2, frame)))
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     covered, propagated = [], []
     data2d = args.data2d_dir if (args.data2d_dir / "datalist.json").is_file() else None
     for case, volume, truth, is_volume in load_cases(args.data_dir, data2d):
-        covered += covered_slices(inferer, volume, truth, case)
+        # a 2D image [x, y] is shown upright (rows = y), as the CLI shows it
+        covered += covered_slices(inferer, volume, truth, case, transpose=inferer.transpose or not is_volume)
         if is_volume:
             propagated.append(propagation(inferer, volume, truth, case))
         inferer.cache.clear()

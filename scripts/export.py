@@ -130,4 +130,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bundle.cli import run_main  # any other failure: one line, exit code 1
+
+    sys.exit(run_main(main))

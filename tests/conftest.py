@@ -18,6 +18,15 @@ def shared_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_data2d_dir() -> Path:
+    """The real 2D images with masks in ``../shared/data2d``; skips when that folder is absent."""
+    path = (REPO_ROOT / ".." / "shared" / "data2d").resolve()
+    if not (path / "datalist.json").is_file():
+        pytest.skip(f"real 2D test images not found at {path} (../shared/data2d beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def test_data_dir() -> Path:
     """The small committed fixtures in ``tests/data`` (cropped real scans, see its README)."""
     return REPO_ROOT / "tests" / "data"

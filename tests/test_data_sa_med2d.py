@@ -95,6 +95,9 @@ def test_reader_errors_name_the_file(dataset):
     (dataset / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="broken.json: not valid JSON"):
         read_image2label(dataset / "broken.json")
+    (dataset / "empty.json").write_text("{}")
+    with pytest.raises(ValueError, match="empty.json: lists no images"):
+        read_image2label(dataset / "empty.json")
     with pytest.raises(ValueError, match="expected a list of paths"):
         read_image2label(dataset / "label2image_test.json")  # wrong direction
     (dataset / "other.json").write_text(json.dumps({"images/case_1.png": ["masks/case_1_liver.png"]}))

@@ -295,6 +295,38 @@ def test_interval_checkpoint_has_a_fixed_name(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pt"]
 
 
+def test_a_resumed_run_replaces_the_best_model_only_with_a_better_one(tmp_path):
+    """The best val Dice so far is saved with model.pt; a saver of a resumed run (``resume_key_metric``, what
+    train.json sets from ``--resume``) continues from it: 0.760 after 0.772 keeps the old model, 0.780 replaces it."""
+    from ignite.engine import Engine, Events
+
+    def validate(model, dice, resume):
+        saver = AtomicCheckpointSaver(
+            str(tmp_path),
+            {"model": model},
+            save_key_metric=True,
+            key_metric_name="val_mean_dice",
+            key_metric_filename="model.pt",
+            resume_key_metric=resume,
+        )
+        evaluator = Engine(lambda e, b: None)
+
+        @evaluator.on(Events.EPOCH_COMPLETED)
+        def score(engine):
+            engine.state.metrics["val_mean_dice"] = dice
+
+        saver.attach(evaluator)
+        evaluator.run([0], max_epochs=1)
+        return torch.load(tmp_path / "model.pt", weights_only=True, map_location="cpu")["model"]["weight"]
+
+    first, worse, better = (torch.nn.Linear(2, 2) for _ in range(3))
+    torch.testing.assert_close(validate(first, 0.772, resume=False), first.weight)
+    torch.testing.assert_close(validate(worse, 0.760, resume=True), first.weight)  # kept
+    torch.testing.assert_close(validate(better, 0.780, resume=True), better.weight)
+    torch.testing.assert_close(validate(worse, 0.700, resume=False), worse.weight)  # a new run starts afresh
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+
+
 # ------------------------------------------------------------------------------------------------------ data glue
 def test_check_files_names_the_missing_file(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")

@@ -22,6 +22,7 @@ from bundle.export import (
     trace_network,
     trt_compile_encoder,
 )
+from bundle.export.onnx_export import _max_difference
 from bundle.networks import SAMUNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,6 +250,25 @@ def test_ckpt_export_torchscript_is_exact_and_refuses_a_mismatch(tmp_path):
 def _export(*args: str):
     command = [PYTHON, "scripts/export.py", *args]
     return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_non_finite_weights_are_refused_by_the_export_script_and_by_export_onnx(tmp_path):
+    network = SAMUNet("vit_tiny", 128, "none", False, "med", None)
+    state = network.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    path = tmp_path / "nan.pt"
+    torch.save({"model": state, "network": network.contract()}, path)
+    out = tmp_path / "models"
+    done = _export("--checkpoint", str(path), "--output-dir", str(out))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"export stopped, nothing written: {path}: 1 weight tensor(s) hold NaN or Inf ({name})" in done.stderr
+    assert not out.exists()
+    network.load_state_dict(state)  # in memory, past the file check
+    with pytest.raises(ValueError, match=f"network to export: 1 weight tensor.*{name}"):
+        export_onnx(network, out)
+    assert not out.exists()
+    assert _max_difference(np.array([0.0, np.nan]), torch.zeros(2)) == float("inf")
 
 
 def test_export_script_refuses_a_mismatched_checkpoint(tmp_path):

@@ -155,6 +155,9 @@ def test_cli_run_and_cli_bad_input(tmp_path, tiny_checkpoint):
         "--output_dir",
         str(bad),
     )
-    assert failed.returncode != 0
-    assert "inverted along i" in failed.stderr and "lung1_crop_image.nrrd" in failed.stderr
+    assert failed.returncode == 1
+    # the bundle's own message is the last line, without MONAI's wrapping error or a traceback
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "inverted along i" in last and "lung1_crop_image.nrrd" in last, last
+    assert "Traceback" not in failed.stderr and "Failed to evaluate" not in failed.stderr
     assert not bad.exists()

@@ -178,23 +178,27 @@ def test_dicom_series_cannot_be_written_as_input_format(tmp_path):
 
 
 def test_png_image_with_2d_box_and_clicks(tmp_path):
+    """2D prompts are column first on the array ``LoadImage`` returns (``[x, y]``): box ``[x0, y0, x1, y1]``, click
+    ``[x, y]``; the PNG mask is upright like its image and a NIfTI mask is ``[x, y]`` like the input's array."""
     from PIL import Image
 
     yy, xx = np.mgrid[:60, :90]
-    disc = (yy - 25) ** 2 + (xx - 50) ** 2 < 12**2  # array [row i, column j]
+    disc = (yy - 25) ** 2 + (xx - 50) ** 2 < 12**2  # the file's rows (y) and columns (x)
     Image.fromarray(np.where(disc, 220, 30).astype(np.uint8)).save(tmp_path / "photo.png")
     run = runner(
-        [{"image": str(tmp_path / "photo.png"), "box": [10, 35, 40, 65]}], tmp_path / "out", output_format="input"
+        [{"image": str(tmp_path / "photo.png"), "box": [35, 10, 65, 40]}], tmp_path / "out", output_format="input"
     )
     run.run()
     written = np.asarray(Image.open(tmp_path / "out" / "photo_seg.png"))
     assert written.shape == (60, 90) and set(np.unique(written)) == {0, 255}
     np.testing.assert_array_equal(written > 0, disc)
-    run = runner([{"image": str(tmp_path / "photo.png"), "points": [[25, 50]], "point_labels": [1]}], tmp_path / "out2")
+    run = runner([{"image": str(tmp_path / "photo.png"), "points": [[50, 25]], "point_labels": [1]}], tmp_path / "out2")
     run.run()
     mask = np.asarray(nib.load(str(tmp_path / "out2" / "photo_seg.nii.gz")).dataobj)
-    assert mask.shape == (60, 90)
-    np.testing.assert_array_equal(mask > 0, disc)
+    assert mask.shape == (90, 60)
+    np.testing.assert_array_equal(mask > 0, disc.T)
+    with pytest.raises(ValueError, match=r"y=60 not in \[0, 59\] \(image size 90 x 60, x then y\)"):
+        runner([{"image": str(tmp_path / "photo.png"), "box": [10, 35, 40, 60]}], tmp_path / "out3").run()
 
 
 def test_single_slice_dicom_is_a_2d_image(tmp_path):
@@ -305,10 +309,27 @@ def test_output_into_a_dicom_series_folder_is_refused(tmp_path):
 def test_missing_file_and_unknown_modality(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
         runner([{"image": str(tmp_path / "nope.nii.gz"), "box": BOX}], tmp_path / "out").run()
-    src = write_nifti(tmp_path / "case.nii.gz", sphere_hu()[0])
+    hu, _ = sphere_hu()
+    src = write_nifti(tmp_path / "case.nii.gz", (hu + 800).astype(np.int16))  # no air: not recognisably CT
     with pytest.raises(ValueError, match="modality unknown"):
         runner([{"image": str(src), "box": BOX}], tmp_path / "out", modality=None).run()
     assert not (tmp_path / "out").exists()
+
+
+def test_modality_inferred_from_hounsfield_units_and_meaningless_input_refused(tmp_path, caplog):
+    hu, _ = sphere_hu()
+    ct = write_nifti(tmp_path / "ct.nii.gz", hu)  # no modality anywhere, but air at -800 HU
+    with caplog.at_level("INFO", logger="bundle.transforms.modality"):
+        (result,) = runner([{"image": str(ct), "box": BOX}], tmp_path / "out", modality=None).run()
+    assert result["voxels"] > 0 and "modality ct, inferred from its intensities" in caplog.text
+    cases = [
+        (ct, "mr", r"ct.nii.gz: given as mr, but 9\d% of its values are <= -500 \(range -800 to 300\)"),
+        (write_nifti(tmp_path / "flat.nii.gz", np.full(SHAPE, 40, np.int16)), "ct", "the image is constant"),
+    ]
+    for path, modality, message in cases:
+        with pytest.raises(ValueError, match=message):
+            runner([{"image": str(path), "box": BOX}], tmp_path / "refused", modality=modality).run()
+    assert not (tmp_path / "refused").exists()
 
 
 def test_failed_write_leaves_no_partial_output(tmp_path, monkeypatch):
@@ -323,3 +344,43 @@ def test_failed_write_leaves_no_partial_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         runner([{"image": str(src), "box": BOX}], tmp_path / "out").run()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_output_locations_are_checked_before_anything_is_read(tmp_path):
+    """A bad output_dir / postfix / output_name is refused before the (here missing) input is even opened."""
+    missing = str(tmp_path / "not_read.nii.gz")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        ({"output_dir": a_file}, "output_dir .*a_file is a file; give a folder"),
+        ({"output_dir": a_file / "sub"}, "cannot be made: .*a_file is a file"),
+        ({"output_dir": ""}, "output_dir is empty"),
+        ({"output_postfix": "/../../escape"}, "output_postfix '/../../escape' must be part of a file name"),
+        ({"output_name": "mask"}, "output_name 'mask' needs a name and a mask format's extension"),
+        ({"output_name": "../up.nii.gz"}, "output_name '../up.nii.gz' must be part of a file name"),
+        ({"output_name": ".nii.gz"}, "needs a name"),
+    ]
+    if Path("/proc/self").is_dir():  # a folder nobody can write in, even root
+        cases.append(({"output_dir": "/proc/sam_unet_out"}, "output_dir /proc/sam_unet_out is not writable"))
+    for setting, message in cases:
+        item = {"image": missing, "box": BOX}
+        if "output_name" in setting:
+            item["output_name"] = setting.pop("output_name")
+        out = setting.pop("output_dir", tmp_path / "out")
+        with pytest.raises(ValueError, match=message):
+            runner([item], out, **setting).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
+    src = write_nifti(tmp_path / "case.nii.gz", sphere_hu()[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".case_seg.tmp-0123abcd.nii.gz"  # the name bundle.io.atomic_write gives the mask
+    stale.write_bytes(b"")
+    others = [out / ".other_seg.tmp-0123abcd.nii.gz", out / "notes.txt"]  # not this run's: kept
+    for path in others:
+        path.write_bytes(b"x")
+    runner([{"image": str(src), "box": BOX}], out).run()
+    assert not stale.exists() and all(p.exists() for p in others)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["case_seg.nii.gz"] + [p.name for p in others])

@@ -82,3 +82,46 @@ def test_bright_sphere_with_pretrained_default(litemedsam):
     inside[12:49, 22:59, 3:10] = True
     assert not (mask & ~inside).any() and not mask[..., :3].any() and not mask[..., 10:].any()
     assert dice(mask, sphere & inside) > 0.85
+
+
+def test_x_first_2d_box_on_a_real_ultrasound_frame_gives_the_old_row_first_mask(shared_data2d_dir, tmp_path):
+    """A non-square real frame (HC18 fetal head, 800 x 540): the CLI's box ``[x0, y0, x1, y1]`` on the array
+    ``LoadImage`` returns gives the very mask the bundle's earlier row-first call gave (the image read ``[H, W]``
+    with ``PILReader(reverse_indexing=False)``, box ``[row0, col0, row1, col1]``, rows shown as rows), and it is the
+    fetal head."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from monai.data import PILReader
+    from monai.transforms import LoadImage
+    from PIL import Image
+
+    from bundle.config import BUNDLE_ROOT, bundle_parser
+    from bundle.inferers import normalized_volume, to_slices
+    from bundle.inferers.volume_prompts import SlicePrompt
+
+    image = shared_data2d_dir / "hc18_fetal_head_us" / "images" / "000_HC.png"
+    truth = np.asarray(Image.open(shared_data2d_dir / "hc18_fetal_head_us" / "masks" / "000_HC.png")) > 127
+    assert truth.shape == (540, 800)
+    rows, cols = np.nonzero(truth)
+    r0, c0, r1, c1 = rows.min() - 5, cols.min() - 5, rows.max() + 5, cols.max() + 5
+
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    command += ["--input_image", str(image), "--modality", "ultrasound", "--output_format", "input"]
+    command += ["--box", json.dumps([int(c0), int(r0), int(c1), int(r1)]), "--output_dir", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE_ROOT))
+    done = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    x_first = np.asarray(Image.open(tmp_path / "000_HC_seg.png")) > 0
+
+    row_first_image = LoadImage(reader=PILReader(reverse_indexing=False), image_only=True, ensure_channel_first=True)
+    volume = to_slices(normalized_volume(row_first_image(image), "ultrasound"), axis=2)  # [H, W, 1]
+    network = bundle_parser("configs/inference.json", BUNDLE_ROOT).get_parsed_content("network_def")
+    inferer = PromptedSliceInferer(network, transpose_slices=False)  # rows of the array shown as rows
+    row_first = inferer.segment_slice(volume, 0, SlicePrompt(box=(int(r0), int(c0), int(r1), int(c1))))
+
+    assert x_first.shape == row_first.shape == truth.shape
+    np.testing.assert_array_equal(x_first, row_first)
+    assert dice(x_first, truth) > 0.9

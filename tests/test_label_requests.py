@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bundle.label.requests import RequestError, parse_request
+from bundle.label.requests import RequestError, RequestLimits, parse_request
 
 SHAPE = (96, 80, 8)
 
@@ -150,3 +150,28 @@ def test_label_configuration_must_be_one_to_n(labels, message):
     with pytest.raises(ValueError, match=message):
         check_label_names(labels)
     assert check_label_names({"organ": 2, "tumour": 1}) == {"tumour": 1, "organ": 2}
+
+
+def test_prompt_limits_answer_413_and_count_what_the_network_would_serve():
+    limits = RequestLimits(max_clicks_per_slice=3, max_boxes=2)
+    box = [10, 20, 10, 20, 2, 4]
+    clicks = [[12, 12, 3], [13, 13, 3], [14, 14, 3]]
+    assert len(parse_request({"roi": box, "foreground": clicks}, SHAPE, limits=limits).plans) == 1  # at the limit
+    spread = clicks + [[15, 15, 2]]  # four clicks, but at most three on one slice
+    assert parse_request({"foreground": spread, "mode": "3d"}, SHAPE, limits=limits).plans
+    with pytest.raises(RequestError, match=r"4 clicks on slice z=3; at most 3 per slice") as error:
+        parse_request({"roi": box, "foreground": clicks + [[16, 16, 3]]}, SHAPE, limits=limits)
+    assert error.value.status == 413
+    with pytest.raises(RequestError, match=r"3 boxes / objects in one request; at most 2") as error:
+        parse_request({"roi": [box, box, box]}, SHAPE, limits=limits)
+    assert error.value.status == 413
+    objects = [{"roi": box, "label": "lesion"}, {"foreground": [[12, 12, 3]], "label": "lesion"}]
+    assert len(parse_request({"objects": objects}, SHAPE, limits=limits).plans) == 2
+    with pytest.raises(RequestError, match=r"3 boxes / objects") as error:
+        parse_request({"objects": objects + objects[:1]}, SHAPE, limits=limits)
+    # the defaults: 64 clicks per slice, 32 boxes
+    many = [[10 + n % 8, 10 + n // 8, 3] for n in range(65)]
+    with pytest.raises(RequestError, match="65 clicks on slice z=3; at most 64"):
+        parse_request({"foreground": many}, SHAPE)
+    with pytest.raises(RequestError, match="33 boxes / objects in one request; at most 32"):
+        parse_request({"roi": [box] * 33}, SHAPE)

@@ -94,8 +94,8 @@ def test_check_label_map_refuses_what_is_not_a_label_map_of_the_image(values, me
 def test_a_2d_mask_for_a_volume_goes_on_its_slice(tmp_path):
     mask2d = np.zeros(SHAPE[:2], np.uint8)
     mask2d[10:20, 30:40] = 255
-    Image.fromarray(mask2d).save(tmp_path / "slice.png")
-    # a PNG reads as [H, W]: rows are the first in-plane array axis, as the image's slices
+    Image.fromarray(np.ascontiguousarray(mask2d.T)).save(tmp_path / "slice.png")
+    # a PNG reads as LoadImage reads it, [x, y]: its columns are the first in-plane array axis of the image's slices
     label = load_mask_prompt(tmp_path / "slice.png", SHAPE, slice_index=8, axis=2)
     assert label.dtype == np.uint16 and set(np.unique(label)) == {0, 1}  # a 0/255 picture is one object
     assert np.array_equal(np.nonzero(label)[2], np.full(100, 8))

@@ -53,18 +53,23 @@ def test_dicom_series_reads_back_array_spacing_modality(loader, lung_crop, tmp_p
     assert out.meta["modality"] == "ct" and out.shape == (3, 96, 96, 8)
 
 
-def test_png_and_jpg_are_row_major_2d(loader, tmp_path):
-    grey = np.arange(30 * 50, dtype=np.uint8).reshape(30, 50)
+def test_png_and_jpg_are_read_column_first_as_loadimage_reads_them(loader, tmp_path):
+    """A 2D image is ``[C, x, y]``: ``image[:, x, y]`` is the pixel in column x, row y (MONAI ``LoadImage``)."""
+    from monai.transforms import LoadImage
+
+    grey = np.arange(30 * 50, dtype=np.uint8).reshape(30, 50)  # 30 rows, 50 columns
     Image.fromarray(grey).save(tmp_path / "g.png")
     rgb = np.random.RandomState(0).randint(0, 255, (30, 50, 3)).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "c.png")
     Image.fromarray(rgb).save(tmp_path / "c.jpg", quality=95)
     g = loader(tmp_path / "g.png")
-    assert tuple(g.shape) == (1, 30, 50)
-    np.testing.assert_array_equal(g[0].numpy(), grey)
+    assert tuple(g.shape) == (1, 50, 30)
+    np.testing.assert_array_equal(g[0].numpy(), grey.T)
+    assert float(g[0, 7, 3]) == grey[3, 7]  # column 7, row 3
+    np.testing.assert_array_equal(g.numpy(), LoadImage(image_only=True, ensure_channel_first=True)(tmp_path / "g.png"))
     c = loader(tmp_path / "c.png")
-    np.testing.assert_array_equal(c.numpy(), rgb.transpose(2, 0, 1))
-    assert tuple(loader(tmp_path / "c.jpg").shape) == (3, 30, 50)
+    np.testing.assert_array_equal(c.numpy(), rgb.transpose(2, 1, 0))
+    assert tuple(loader(tmp_path / "c.jpg").shape) == (3, 50, 30)
 
 
 def test_dict_version_stacks_mask_list(tmp_path):
@@ -73,8 +78,8 @@ def test_dict_version_stacks_mask_list(tmp_path):
         m[i : i + 5, 2:9] = 255
         Image.fromarray(m).save(tmp_path / f"m{i}.png")
     d = LoadMedicalImaged(["label"])({"label": [str(tmp_path / f"m{i}.png") for i in range(3)]})
-    assert tuple(d["label"].shape) == (3, 20, 24)
-    assert torch.equal(d["label"][2, 2:7, 2], torch.full((5,), 255.0))
+    assert tuple(d["label"].shape) == (3, 24, 20)  # [masks, x, y]
+    assert torch.equal(d["label"][2, 2, 2:7], torch.full((5,), 255.0))
 
 
 def test_missing_file_is_named(loader, tmp_path):

@@ -72,7 +72,7 @@ def test_reference_checkpoint_with_pickled_optimizer_is_rejected_then_converted(
     path = tmp_path / "reference_with_optimizer.pth"
     optimizer = torch.optim.Adam([p for p in trained_like.parameters() if p.requires_grad], lr=1e-4)
     torch.save({"model": to_reference_layout(trained_like.state_dict()), "optimizer": optimizer}, path)
-    with pytest.raises(ValueError, match="pickled Python objects") as error:
+    with pytest.raises(ValueError, match=r"pickled Python object \(torch.optim.adam.Adam\)") as error:
         read_state_dict(path)
     assert str(path) in str(error.value) and "--trust-pickle" in str(error.value)
 
@@ -147,7 +147,41 @@ def test_missing_and_corrupt_files(tmp_path):
     corrupt.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="corrupt.pt"):
         read_state_dict(corrupt)
+    random_bytes = tmp_path / "random.pt"
+    random_bytes.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(ValueError, match="random.pt is not a readable PyTorch checkpoint") as error:
+        read_state_dict(random_bytes)
+    assert "trust" not in str(error.value)  # no nudge towards unsafe unpickling for a file that is no pickle
     not_a_dict = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], not_a_dict)
     with pytest.raises(ValueError, match="does not contain a state dict"):
         read_state_dict(not_a_dict)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path, trained_like):
+    state = trained_like.state_dict()
+    names = [k for k, v in state.items() if v.is_floating_point()][:2]
+    state[names[0]] = state[names[0]].clone().fill_(float("nan"))
+    state[names[1]] = state[names[1]].clone().fill_(float("inf"))
+    path = tmp_path / "diverged.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=r"diverged.pt: 2 weight tensor\(s\) hold NaN or Inf") as error:
+        SAMUNet("vit_tiny", conv_branch="resnet18", weights=str(path))
+    assert f"({names[0]}, {names[1]})" in str(error.value)
+
+
+def test_convert_checkpoint_reports_unreadable_files_in_one_line(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    for extra in ([], ["--trust-pickle"]):
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/convert_checkpoint.py"), str(garbage), str(tmp_path / "o.pt"), *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip() == f"error: {garbage} is not a readable PyTorch checkpoint" + (
+            " (UnpicklingError)" if extra else " (torch.load cannot parse it)"
+        )
+        assert not (tmp_path / "o.pt").exists()

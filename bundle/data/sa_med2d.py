@@ -194,10 +194,13 @@ def read_image2label(
 
     ``masks_per_image`` keeps k masks per image, sampled with ``seed`` as SAM-Med2D does (with
     replacement); for new masks every epoch use `bundle.transforms.RandSampleMasksd` instead.
-    An image with no masks is a ValueError (an image -> masks file lists images with masks only).
+    An image with no masks is a ValueError (an image -> masks file lists images with masks only), and so is a file
+    that lists no image (nothing to train on).
     """
     json_path = os.fspath(json_path)
     data = _read_json(json_path, list)
+    if not data:
+        raise ValueError(f"{json_path}: lists no images; expected {{image path: [mask paths]}} with at least one image")
     base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(json_path))
     state = None if masks_per_image is None else np.random.RandomState(seed)
     items = []

@@ -21,7 +21,7 @@ from ignite.handlers import DiskSaver
 from ignite.handlers import ProgressBar as IgniteProgressBar
 from monai.handlers import CheckpointSaver
 
-from bundle.io import atomic_write
+from bundle.io import atomic_write, remove_stale_temps
 from bundle.networks.contract import CONTRACT_KEY
 
 from .evaluator import parse_mode
@@ -29,6 +29,9 @@ from .evaluator import parse_mode
 __all__ = ["AtomicCheckpointSaver", "ProgressBar", "PromptEvaluationReport", "summarise", "validation_available"]
 
 logger = logging.getLogger(__name__)
+
+#: where ignite's ``Checkpoint(include_self=True)`` puts its record of the saved scores
+TRACKER_KEY = "checkpointer"
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -44,8 +47,11 @@ class _AtomicDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         if self.wrap_key is not None:
-            # ignite stores a lone object's state_dict bare; the bundle's files are always {"model": state_dict, ...}
-            checkpoint = {self.wrap_key: checkpoint}
+            # ignite stores a lone object's state_dict bare (and its own record inside it); the bundle's files are
+            # always {"model": state_dict, ...}
+            checkpoint = dict(checkpoint)
+            record = checkpoint.pop(TRACKER_KEY, None)
+            checkpoint = {self.wrap_key: checkpoint, **({TRACKER_KEY: record} if record is not None else {})}
         super().__call__(checkpoint=checkpoint, filename=self.filename or filename, metadata=metadata)
 
     def _save_func(self, checkpoint, path, func) -> None:
@@ -85,23 +91,36 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's CheckpointSaver with atomic writes (MONAI's own saver uses ``atomic=False``, so a kill during
     ``torch.save`` leaves a truncated file), the model contract, and a fixed file name for interval checkpoints
     (``interval_filename``, e.g. ``checkpoint_last.pt``, what a resumed run loads). Saves on rank 0 only under
-    torch.distributed (ignite).
+    torch.distributed (ignite). The partial temporary files of a run killed while saving are removed at start.
 
     When ``save_dict`` holds a ``model`` with a model contract (a SAMUNet), its contract is saved beside it under
     ``network`` (:class:`bundle.networks.ContractEntry`), so ``models/model.pt`` is ``{"model": state_dict,
     "network": contract}`` and every entry point can build the network it belongs to. A ``save_dict`` with one
     entry otherwise is written as ``{key: state_dict}`` (ignite would write the bare state dict).
+
+    The key-metric file also records the best score (ignite's ``checkpointer`` entry); with ``resume_key_metric`` a
+    new saver continues from that record, so a resumed run keeps its best model unless it beats it.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        interval_filename: str | None = None,
+        resume_key_metric: bool = False,
+        **kwargs,
+    ) -> None:
         from bundle.networks import ContractEntry, unwrap
 
         save_dict = dict(save_dict)
         model = save_dict.get("model")
         if model is not None and hasattr(unwrap(model), "contract") and CONTRACT_KEY not in save_dict:
             save_dict[CONTRACT_KEY] = ContractEntry(model)
+        if kwargs.get("save_key_metric"):
+            kwargs.setdefault("key_metric_save_state", True)  # the best score so far travels with the best model
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(save_dir)  # a run killed during torch.save left a partial hidden file
         wrap = next(iter(save_dict)) if len(save_dict) == 1 else None
         if self._final_checkpoint is not None:
             self._final_checkpoint.save_handler = _AtomicDiskSaver(save_dir, self._final_filename, wrap)
@@ -111,6 +130,20 @@ class AtomicCheckpointSaver(CheckpointSaver):
             )
         if self._interval_checkpoint is not None:
             self._interval_checkpoint.save_handler = _AtomicDiskSaver(save_dir, interval_filename, wrap)
+        if resume_key_metric and self._key_metric_checkpoint is not None and kwargs.get("key_metric_filename"):
+            self._restore_key_metric(Path(save_dir) / kwargs["key_metric_filename"])
+
+    def _restore_key_metric(self, best: Path) -> None:
+        """Continue the best-metric tracking of the run that wrote ``best``, so that a resumed run replaces the best
+        model only with a better one (ignite's ``Checkpoint`` state, saved in the file as ``checkpointer``)."""
+        if not best.is_file():
+            return
+        state = torch.load(best, map_location="cpu", weights_only=True).get(TRACKER_KEY)
+        if not state or not state.get("_saved"):
+            logger.warning("%s holds no best-metric record; the first validation after the resume replaces it", best)
+            return
+        self._key_metric_checkpoint.load_state_dict(state)
+        logger.info("resumed the best-metric record of %s: %s", best, state["_saved"][-1][0])
 
 
 # ------------------------------------------------------------------------------------------------------------ report

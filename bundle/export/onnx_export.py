@@ -108,11 +108,15 @@ def export_onnx(
     ``metadata``: extra key -> value pairs for both files (e.g. the bundle's name and version).
     Before the files are put in place, both are run in ONNX Runtime on ``verify_image`` (``[B, 3, S, S]``, default
     random) and compared with PyTorch; a logit difference above ``atol`` raises ``RuntimeError`` and nothing is
-    written. Files are written to a temporary folder and moved in, so a failed export never leaves half a pair.
+    written. Non-finite weights raise ``ValueError`` naming them, and a NaN in either output counts as an infinite
+    difference. Files are written to a temporary folder and moved in, so a failed export never leaves half a pair.
     ``progress``: a progress bar of the three stages (encoder, decoder, check) on stderr.
     """
+    from bundle.networks.weights import require_finite_weights
+
     output_dir = Path(output_dir)
     network = network.eval()
+    require_finite_weights(network.state_dict(), "network to export")
     device = next(network.parameters()).device
     names = feature_names(network)
     fingerprint = weights_fingerprint(network.state_dict())
@@ -186,7 +190,7 @@ def verify_onnx(network: SAMUNet, encoder_path, decoder_path, image: torch.Tenso
         with torch.no_grad():
             reference_features = encoder(batch)
         features = runtime.run_encoder(batch.cpu().numpy())
-        worst = max([worst] + [float(np.abs(f - r.cpu().numpy()).max()) for f, r in zip(features, reference_features)])
+        worst = max([worst] + [_max_difference(f, r) for f, r in zip(features, reference_features)])
         for clicks in (2, 1):
             prompts = _example_prompts(network, batch.shape[0], batch.device, clicks)
             with torch.no_grad():
@@ -194,5 +198,11 @@ def verify_onnx(network: SAMUNet, encoder_path, decoder_path, image: torch.Tenso
             low_res = runtime.run_decoder(
                 [f.cpu().numpy() for f in reference_features], *(p.cpu().numpy() for p in prompts)
             )
-            worst = max(worst, float(np.abs(low_res - reference.cpu().numpy()).max()))
+            worst = max(worst, _max_difference(low_res, reference))
     return worst
+
+
+def _max_difference(onnx_output: np.ndarray, reference: torch.Tensor) -> float:
+    """Largest |difference|; ``inf`` when either side is not finite (``max`` would drop a NaN)."""
+    difference = np.abs(onnx_output - reference.cpu().numpy())
+    return float(difference.max()) if np.isfinite(difference).all() else float("inf")

@@ -83,8 +83,9 @@ class SliceFrame:
     scaled as SAM's ``apply_coords``).
 
     By default the slice is the image ``[H, W] = [A, B]`` (rows = array axis a, network ``y``; columns = axis b,
-    network ``x``), as ``bundle.data.volumes.take_slice`` makes training slices and as 2D display images are read.
-    With ``transpose`` rows = b and columns = a (the radiological display of an ITK-loaded axial slice).
+    network ``x``), as ``bundle.data.volumes.take_slice`` makes training slices. With ``transpose`` rows = b and
+    columns = a: a 2D image ``[x, y]`` (as ``LoadImage`` reads it) upright, or the radiological display of an
+    ITK-loaded axial slice.
     """
 
     def __init__(self, shape: tuple[int, int], size: int, transpose: bool = False) -> None:
@@ -380,23 +381,37 @@ class PromptedSliceInferer:
 
     # ------------------------------------------------------------------------------------------------------ high level
     def segment_slice(
-        self, volume: np.ndarray, index: int, prompt: SlicePrompt, image_id="volume", axis: int = -1
+        self,
+        volume: np.ndarray,
+        index: int,
+        prompt: SlicePrompt,
+        image_id="volume",
+        axis: int = -1,
+        transpose: bool | None = None,
     ) -> np.ndarray:
         """Segment one slice of ``volume [A, B, K]`` with ``prompt`` (reusing a cached embedding); ``[A, B]`` bool.
 
-        This is the interactive path: a new click on an already-encoded slice only runs the decoder.
+        This is the interactive path: a new click on an already-encoded slice only runs the decoder. ``transpose``
+        overrides ``transpose_slices`` for this call (``True`` for a 2D image ``[x, y]``, shown upright).
         """
-        frame = SliceFrame(volume.shape[-3:-1], self.image_size, self.transpose)
+        frame = SliceFrame(volume.shape[-3:-1], self.image_size, self.transpose if transpose is None else transpose)
         features = self.features_for(volume, [index], image_id, axis, frame)
         return (self.decode(features, [prompt], frame)[0] > 0).cpu().numpy()
 
     def segment_volume(
-        self, volume: np.ndarray, plan: PromptPlan, image_id="volume", on_slice: Callable[[int], None] | None = None
+        self,
+        volume: np.ndarray,
+        plan: PromptPlan,
+        image_id="volume",
+        transpose: bool | None = None,
+        on_slice: Callable[[int], None] | None = None,
     ) -> tuple[np.ndarray, list[SliceResult]]:
         """Segment one object of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``, slices along the last axis) following
         ``plan``; returns the boolean mask ``[A, B, K]`` and one :class:`SliceResult` per decoded slice, in slice order.
         See :meth:`segment_objects`."""
-        labels, (results,) = self.segment_objects(volume, [plan], image_id=image_id, on_slice=on_slice)
+        labels, (results,) = self.segment_objects(
+            volume, [plan], image_id=image_id, transpose=transpose, on_slice=on_slice
+        )
         return labels > 0, results
 
     def segment_objects(
@@ -405,6 +420,7 @@ class PromptedSliceInferer:
         plans: list[PromptPlan],
         image_id="volume",
         labels: list[int] | None = None,
+        transpose: bool | None = None,
         on_slice: Callable[[int], None] | None = None,
     ) -> tuple[np.ndarray, list[list[SliceResult]]]:
         """Segment several objects of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``) into one label map.
@@ -417,9 +433,10 @@ class PromptedSliceInferer:
         volume together, in one pass upwards (seeds and upward propagation) and one downwards, so a slice is encoded
         once per pass for all of them (``batch_size`` slices per encoder call, ahead of the fronts) and a slice both
         passes need is taken from the embedding cache. Each object's rows are decoded in batches of their own, so an
-        object's mask does not depend on the others. Returns the label map ``[A, B, K]`` (uint8, or uint16 for labels over 255) and, per object, one
-        :class:`SliceResult` per decoded slice in slice order. ``on_slice(k)`` is called after each object's slice
-        ``k`` is decoded (e.g. a progress bar's update).
+        object's mask does not depend on the others. ``transpose`` overrides ``transpose_slices`` for this call
+        (``True`` for a 2D image ``[x, y]``, shown upright). ``on_slice(k)`` is called after each object's slice ``k``
+        is decoded (e.g. a progress bar's update). Returns the label map ``[A, B, K]`` (uint8, or uint16 for labels
+        over 255) and, per object, one :class:`SliceResult` per decoded slice in slice order.
         """
         plans = list(plans)
         labels = list(range(1, len(plans) + 1)) if labels is None else [int(v) for v in labels]
@@ -430,7 +447,7 @@ class PromptedSliceInferer:
         num = volume.shape[-1]
         if any(p.axis != plans[0].axis or p.num_slices != num for p in plans):
             raise ValueError(f"every plan must take the {num} slices of the volume along one axis")
-        frame = SliceFrame(volume.shape[-3:-1], self.image_size, self.transpose)
+        frame = SliceFrame(volume.shape[-3:-1], self.image_size, self.transpose if transpose is None else transpose)
         tracks = [_Track(plan, label, index) for index, (plan, label) in enumerate(zip(plans, labels))]
         canvas = _LabelCanvas(volume.shape[-3:], max(labels), several=len(tracks) > 1, on_paint=on_slice)
         sweep = partial(self._sweep, volume, canvas=canvas, frame=frame, image_id=image_id, axis=plans[0].axis)

@@ -1,8 +1,9 @@
 """Prompted volume inference from files to files: load, check, normalise, segment slice-wise, write the mask.
 
 :class:`VolumeInferenceRunner` is the ``evaluator`` of ``configs/inference.json``. It validates every item of the
-datalist (readable image, finite intensities, prompts and mask prompts that fit the image, output paths that do not
-overwrite any input) before it writes anything, then segments each image with :class:`PromptedSliceInferer` and
+datalist (readable image, finite intensities, prompts and mask prompts that fit the image, a writable output folder,
+output names inside it that overwrite no input) before it writes anything, removes what a killed earlier run left of
+its own outputs (hidden temporary files), then segments each image with :class:`PromptedSliceInferer` and
 writes ``<output_dir>/<input name without extensions>_seg.nii.gz`` with the input's geometry (a 0/1 mask, or for
 several objects a label map and a JSON sidecar naming its labels) through a temporary file and an atomic rename,
 plus an optional PNG montage.
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bundle.io import DISPLAY_SUFFIXES, atomic_write, image_suffix, load_image, strip_extensions, write_mask
+from bundle.io import (
+    DISPLAY_SUFFIXES,
+    LABEL_SUFFIXES,
+    atomic_write,
+    image_suffix,
+    load_image,
+    remove_stale_temps,
+    strip_extensions,
+    write_mask,
+)
 
 from .objects import OBJECT_KEYS, SegmentationObject, item_specs, label_dtype, label_names, parse_objects, plan_objects
 from .slice_inferer import PromptedSliceInferer
@@ -31,6 +42,49 @@ from .slice_inferer import PromptedSliceInferer
 logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("nifti", "input")
+#: what a datalist ``output_name`` may end with: the formats masks are written in
+MASK_SUFFIXES = LABEL_SUFFIXES + (".png",)
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """``output_dir`` as an absolute path, after checking it is (or can be made) a writable folder; ValueError
+    naming it otherwise. Nothing is created: a probe file is written and removed in the nearest existing folder."""
+    text = os.fspath(output_dir)
+    if not text.strip():
+        raise ValueError("output_dir is empty; give the folder the masks are written to, e.g. --output_dir out")
+    folder = Path(os.path.abspath(text))
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
+        raise ValueError(f"output_dir {text} {what}; give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"output_dir {text} is not writable ({error.strerror or error} in {existing})") from None
+    return folder
+
+
+def check_file_name_part(value: str, what: str) -> str:
+    """``value`` if it can be part of one file name (no path separators, not ``.`` / ``..``); ValueError else."""
+    if not isinstance(value, str) or "/" in value or "\\" in value or os.sep in value or value in (".", ".."):
+        raise ValueError(
+            f"{what} {value!r} must be part of a file name, without path separators (the masks stay in output_dir)"
+        )
+    return value
+
+
+def check_output_name(name: str, source: str) -> str:
+    """A datalist ``output_name``: one file name with a mask format's suffix (``MASK_SUFFIXES``)."""
+    check_file_name_part(name, f"{source}: output_name")
+    if not name.lower().endswith(MASK_SUFFIXES) or not strip_extensions(name):
+        raise ValueError(
+            f"{source}: output_name {name!r} needs a name and a mask format's extension, one of {list(MASK_SUFFIXES)} "
+            f"(e.g. {strip_extensions(name) or 'mask'}.nii.gz)"
+        )
+    return name
 
 
 def output_path_for(image_path: str, output_dir: str, postfix: str = "_seg", output_format: str = "nifti") -> Path:
@@ -248,6 +302,8 @@ class VolumeInferenceRunner:
         """Group the items by output file (same image, same ``output_name``) and check every path."""
         if not self.dataset:
             raise ValueError("nothing to segment: give --input_image PATH with a prompt, or --datalist FILE")
+        output_dir = check_output_dir(self.output_dir)
+        check_file_name_part(self.output_postfix, "output_postfix")
         groups: dict[tuple[str, str], list[dict]] = {}
         for item in self.dataset:
             key = (os.path.abspath(item["image"]), item.get("output_name") or "")
@@ -255,10 +311,9 @@ class VolumeInferenceRunner:
         outputs = []
         for items in groups.values():
             name = items[0].get("output_name")
-            path = output_path_for(items[0]["image"], self.output_dir, self.output_postfix, self.output_format)
+            path = output_path_for(items[0]["image"], output_dir, self.output_postfix, self.output_format)
             if name:
-                path = path.parent / name
-            path = Path(os.path.abspath(path))
+                path = output_dir / check_output_name(name, items[0]["image"])
             label_map = len(items) > 1 or any(i.get("objects") is not None or i.get("mask_prompt") for i in items)
             sidecar = path.parent / f"{strip_extensions(path.name)}.json" if label_map else None
             outputs.append(_Output(items, path, sidecar))
@@ -300,15 +355,22 @@ class VolumeInferenceRunner:
         axis = self.axis if len(spatial_for_prompts) == 3 else None
         specs = [spec for item in output.items for spec in item_specs(item)]
         objects = plan_objects(specs, spatial_for_prompts, axis, source=path)
-        from bundle.transforms.modality import resolve_modality
+        from bundle.transforms.modality import check_intensities, resolve_modality
 
         given = {item.get("modality") for item in output.items} - {None}
         if len(given) > 1:
             raise ValueError(f"{path}: the datalist items of this image name different modalities {sorted(given)}")
+        intensities = np.asarray(image)
         modality = resolve_modality(
-            image.meta, self.modality, next(iter(given), None), self.default_modality, source=path
-        ).value
-        return image, objects, modality, display
+            image.meta,
+            self.modality,
+            next(iter(given), None),
+            self.default_modality,
+            source=path,
+            intensities=None if display else intensities,
+        )
+        check_intensities(intensities, modality, source=path)
+        return image, objects, modality.value, display
 
     # ------------------------------------------------------------------------------------------------------------ run
     def run(self) -> list[dict]:
@@ -320,6 +382,10 @@ class VolumeInferenceRunner:
             )
         outputs = self._outputs()
         prepared = [self._prepare(output) for output in outputs]  # every check before any output
+        for output in outputs:  # what a killed earlier run left of these outputs
+            stem = strip_extensions(output.path.name)
+            names = [output.path.name, f"{stem}_montage.png"] + ([output.sidecar.name] if output.sidecar else [])
+            remove_stale_temps(output.path.parent, names)
         if len(outputs) > 1:
             prepared = [None] * len(outputs)  # reload one at a time to bound memory
         self.results = []
@@ -337,6 +403,9 @@ class VolumeInferenceRunner:
         axis = objects[0].plan.axis
         volume = to_slices(normalized, axis)
         image_id = (os.path.abspath(source), modality)
+        # a 2D image [x, y] (one slice along the last axis) is shown upright, rows = y, whatever transpose_slices says
+        upright = len(spatial) == 2 or (spatial[-1] == 1 and axis == 2)
+        transpose = True if upright else self.inferer.transpose
         name = os.path.basename(os.path.normpath(source))
         with tqdm(desc=name, unit="slice", file=sys.stderr, leave=False, disable=not self.progress) as bar:
             labels, per_object = self.inferer.segment_objects(
@@ -344,6 +413,7 @@ class VolumeInferenceRunner:
                 [o.plan for o in objects],
                 image_id=image_id,
                 labels=[o.label for o in objects],
+                transpose=transpose,
                 on_slice=lambda _: bar.update(),
             )
         label_out = from_slices(labels, spatial, axis)
@@ -380,9 +450,7 @@ class VolumeInferenceRunner:
 
             montage_path = output.path.parent / f"{strip_extensions(output.path.name)}_montage.png"
             result["montage"] = os.fspath(
-                write_montage(
-                    volume, labels if output.sidecar else labels > 0, slices, montage_path, self.inferer.transpose
-                )
+                write_montage(volume, labels if output.sidecar else labels > 0, slices, montage_path, transpose)
             )
         result["seconds"] = time.perf_counter() - start
         logger.info(

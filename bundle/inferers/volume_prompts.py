@@ -3,7 +3,8 @@
 Coordinates are voxel indices of the array as MONAI ``LoadImage`` returns it (no reorientation), inclusive:
 a 3D box ``[i0, j0, k0, i1, j1, k1]``, a slice box ``[i0, j0, i1, j1]`` (the two in-plane array axes in array order)
 on slice ``slice_index`` of the chosen axis, clicks ``[i, j, k]`` with labels 1 (foreground) / 0 (background).
-A 2D image takes a 2D box ``[i0, j0, i1, j1]`` and clicks ``[i, j]``.
+A 2D image (``LoadImage`` reads it ``[x, y]``, column first) takes a box ``[x0, y0, x1, y1]`` (SAM's XYXY) and
+clicks ``[x, y]``.
 
 Every check raises ``ValueError`` naming the value and what was expected, before any inference or output.
 """
@@ -90,7 +91,8 @@ def plan_prompts(
 ) -> PromptPlan:
     """Validate voxel prompts against ``spatial_shape`` and group them by slice along ``axis``.
 
-    A 2D shape ``(X, Y)`` is handled as ``(X, Y, 1)`` with slices along the last axis and takes 2D prompts only.
+    A 2D shape ``(X, Y)`` (column first) is handled as ``(X, Y, 1)`` with slices along the last axis and takes 2D
+    prompts only: a box ``[x0, y0, x1, y1]`` and clicks ``[x, y]``.
     ``source`` (e.g. the file name) is put in front of error messages.
     """
     where = f"{source}: " if source else ""
@@ -108,18 +110,40 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
     if is_2d:  # one slice: the axis setting does not apply
         if box is not None and len(list(box)) == 6:
             raise ValueError(
-                f"a 3D box {list(box)} was given for a 2D image of shape {tuple(shape)}; give a 2D box [i0, j0, i1, j1]"
+                f"a 3D box {list(box)} was given for a 2D image of size {tuple(shape)} (x, y); give a 2D box "
+                "[x0, y0, x1, y1]"
             )
         if slice_box is not None or slice_index is not None:
-            raise ValueError("slice_box / slice_index apply to volumes; for a 2D image give box [i0, j0, i1, j1]")
+            raise ValueError("slice_box / slice_index apply to volumes; for a 2D image give box [x0, y0, x1, y1]")
         shape3 = shape + [1]
         box3 = None
         if box is not None:
             b = _int_list("box", box, 4)
+            for n, name in enumerate("xy"):
+                if b[n] > b[n + 2]:
+                    raise ValueError(
+                        f"box {b} is inverted along {name}: {b[n]} > {b[n + 2]} (expected [x0, y0, x1, y1] with "
+                        "x0 <= x1, y0 <= y1)"
+                    )
+                for v in (b[n], b[n + 2]):
+                    if not 0 <= v < shape[n]:
+                        raise ValueError(
+                            f"box {b} lies outside the image: {name}={v} not in [0, {shape[n] - 1}] (image size "
+                            f"{shape[0]} x {shape[1]}, x then y); a 2D box is [x0, y0, x1, y1], column first"
+                        )
             box3 = [b[0], b[1], 0, b[2], b[3], 0]
         pts3 = None
         if points is not None:
-            pts3 = [_int_list(f"points[{n}]", p, 2) + [0] for n, p in enumerate(_as_list("points", points))]
+            pts3 = []
+            for n, p in enumerate(_as_list("points", points)):
+                xy = _int_list(f"points[{n}]", p, 2)
+                for d, name in enumerate("xy"):
+                    if not 0 <= xy[d] < shape[d]:
+                        raise ValueError(
+                            f"click {xy} lies outside the image: {name}={xy[d]} not in [0, {shape[d] - 1}] (image "
+                            f"size {shape[0]} x {shape[1]}, x then y); a 2D click is [x, y], column first"
+                        )
+                pts3.append(xy + [0])
         plan = _plan(shape3, False, box3, None, None, pts3, point_labels, 2)
         plan.propagate = False
         return plan

@@ -43,7 +43,7 @@ from bundle.config import BUNDLE_ROOT, bundle_parser
 from bundle.inferers import MemoryCache, PromptedSliceInferer, load_mask_prompt, normalized_volume, to_slices
 from bundle.io import LABEL_SUFFIXES, VOLUME_SUFFIXES, ReferenceGeometry, load_image, write_mask
 
-from .requests import DEFAULT_LABELS, RequestError, check_label_names, parse_request
+from .requests import DEFAULT_LABELS, RequestError, RequestLimits, check_label_names, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,10 @@ class SAMUNetInferTask(BasicInferTask):
         volume_cache_bytes: memory budget of the loaded-volume cache.
         default_mode: ``"2d"`` or ``"3d"`` when a request does not say.
         labels: the labels served, ``{name: value}`` with values 1..N (3D Slicer lists them as segments).
-        allowed_roots: folders an infer request may read an image path from (the datastore); other paths are
-            refused with 403.
+        allowed_roots: folders an infer request may read an image path from (the datastore and the server's own
+            upload folder); other paths are refused with 403.
+        limits: the most clicks per slice and boxes per request (:class:`RequestLimits`); more is refused with 413
+            before the network is taken.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class SAMUNetInferTask(BasicInferTask):
         default_mode: str = "2d",
         labels: dict[str, int] | None = None,
         allowed_roots: list[str] | None = None,
+        limits: RequestLimits | None = None,
         preload: bool = True,
         description: str = "SAM-UNet interactive segmentation (clicks and boxes, cached slice embeddings)",
     ) -> None:
@@ -113,6 +116,7 @@ class SAMUNetInferTask(BasicInferTask):
         self.default_mode = default_mode
         self.volumes = MemoryCache(volume_cache_bytes, sizeof=_volume_entry_bytes)
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
+        self.limits = limits or RequestLimits()
         self._lock = threading.RLock()
         self._inferer: PromptedSliceInferer | None = None
         self._weights_stamp: tuple | None = None
@@ -185,7 +189,7 @@ class SAMUNetInferTask(BasicInferTask):
 
     def load_volume(self, path: str, modality: str | None):
         """``(image MetaTensor [1, X, Y, Z], volume [X, Y, Z] in [0, 255], modality, cache key, geometry)``."""
-        from bundle.transforms import resolve_modality
+        from bundle.transforms.modality import check_intensities, resolve_modality
 
         real = self._check_path(path)
         st = os.stat(real)
@@ -207,7 +211,12 @@ class SAMUNetInferTask(BasicInferTask):
             )
         name = os.path.basename(path)
         try:
-            used = resolve_modality(image.meta, self.modality, modality, self.default_modality, source=name).value
+            intensities = np.asarray(image)
+            found = resolve_modality(
+                image.meta, self.modality, modality, self.default_modality, source=name, intensities=intensities
+            )
+            check_intensities(intensities, found, source=name)
+            used = found.value
             volume = to_slices(normalized_volume(image, used, source=name), axis=2)
         except ValueError as error:
             raise RequestError(str(error), status=422) from None
@@ -241,7 +250,9 @@ class SAMUNetInferTask(BasicInferTask):
         image, volume, used_modality, key, geometry = self.load_volume(image_path, modality)
         request, mask = self._label_upload(request, volume.shape)
         t_loaded = time.perf_counter()
-        parsed = parse_request({**request, "mode": mode}, volume.shape, self.default_mode, self.labels, mask)
+        parsed = parse_request(
+            {**request, "mode": mode}, volume.shape, self.default_mode, self.labels, mask, self.limits
+        )
 
         with self._lock:  # one request at a time on the network (the cache and inferer state are shared)
             inferer = self.ensure_network()

@@ -22,7 +22,9 @@ answer's value 1 into the selected segment. A request with ``objects`` or a labe
 map holding the configured label values and ``label_names`` the configured ``{name: value}``; the values are 1..N,
 because Slicer imports a label map's value n into the n-th name of ``label_names`` sorted by value.
 
-Every problem raises :class:`RequestError` (a ``ValueError``) whose message names the field and the value.
+Every problem raises :class:`RequestError` (a ``ValueError``) whose message names the field and the value; a request
+with more boxes / objects or more clicks on one slice than :class:`RequestLimits` allow is refused with status 413
+before any inference, so one request cannot hold the server for minutes.
 This module does not import MONAI Label, so it is usable (and testable) without the ``label`` extra.
 """
 
@@ -52,6 +54,14 @@ class RequestError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The most prompts one request may carry (the app's ``--conf max_clicks_per_slice`` and ``max_boxes``)."""
+
+    max_clicks_per_slice: int = 64
+    max_boxes: int = 32  # boxes and objects of one request, together
 
 
 @dataclass
@@ -156,13 +166,50 @@ def parse_request(
     default_mode: str = "2d",
     labels: dict[str, int] | None = None,
     mask: np.ndarray | None = None,
+    limits: RequestLimits | None = None,
 ) -> InteractiveRequest:
     """Validate the prompt fields of a MONAI Label infer ``request`` against a volume of voxel size ``shape``.
 
     ``labels`` is the server's label configuration (default ``{"lesion": 1}``), ``mask`` an uploaded label map
     ``[x, y, z]`` (already checked to be one of the image's size). Raises :class:`RequestError` for anything
-    malformed, out of the volume or contradictory.
+    malformed, out of the volume, contradictory (400) or beyond ``limits`` (413).
     """
+    limits = limits or RequestLimits()
+    _check_box_count(request, limits)  # before parsing: assigning clicks to boxes grows with both counts
+    parsed = _parse_request(request, shape, default_mode, labels, mask)
+    _check_clicks_per_slice(parsed, limits)
+    return parsed
+
+
+def _check_box_count(request: dict, limits: RequestLimits) -> None:
+    """Every box is an object; an object of ``objects`` without a box is one too."""
+    objects = request.get("objects")
+    count = len(_boxes(request.get("roi")))
+    for obj in objects if isinstance(objects, list) else []:
+        count += max(1, len(_boxes(obj.get("roi")))) if isinstance(obj, dict) else 1
+    if count > limits.max_boxes:
+        raise RequestError(
+            f"{count} boxes / objects in one request; at most {limits.max_boxes} per request are served (the app's "
+            "--conf max_boxes): send them in several requests",
+            status=413,
+        )
+
+
+def _check_clicks_per_slice(parsed: InteractiveRequest, limits: RequestLimits) -> None:
+    per_slice: dict[int, int] = {}
+    for plan in parsed.plans:
+        for k, seed in plan.seeds.items():
+            per_slice[k] = per_slice.get(k, 0) + len(seed.points)
+    k, count = max(per_slice.items(), key=lambda kv: kv[1], default=(None, 0))
+    if count > limits.max_clicks_per_slice:
+        raise RequestError(
+            f"{count} clicks on slice z={k}; at most {limits.max_clicks_per_slice} per slice are served (the app's "
+            "--conf max_clicks_per_slice)",
+            status=413,
+        )
+
+
+def _parse_request(request: dict, shape, default_mode: str, labels, mask) -> InteractiveRequest:
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
         raise RequestError(f"expected a 3D volume, got size {list(shape)}", status=422)

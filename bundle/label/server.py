@@ -16,6 +16,9 @@ Configuration (``--conf key value``; all optional):
 ``model_dir``          where trained weights are published (default ``<app>/model``).
 ``preload``            build the network at server start (default ``true``).
 ``threads``            torch CPU threads of the server (default: torch's choice).
+``max_clicks_per_slice`` clicks one request may put on one slice (default 64); more is answered 413.
+``max_boxes``          boxes (``roi``) one request may carry (default 32); more is answered 413.
+``max_upload_mb``      largest request body, uploads included (default 2048 MiB); larger is answered 413 unread.
 any other key          overrides that id of ``configs/inference.json``: ``weights``, ``batch_size 4``,
                        ``min_contrast 5``, ... (values are read as JSON where they parse).
 =====================  =================================================================================================
@@ -27,7 +30,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -38,9 +40,10 @@ from monailabel.utils.others.generic import strtobool
 from bundle.config import BUNDLE_ROOT
 from bundle.quiet import quiet_third_party
 
+from . import guard
 from .datastore import CheckedLocalDatastore
 from .infer import SAMUNetInferTask
-from .requests import RequestError, check_label_names
+from .requests import RequestError, RequestLimits, check_label_names
 from .train import SAMUNetTrainTask
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,9 @@ APP_OPTIONS = (
     "model_dir",
     "preload",
     "threads",
+    "max_clicks_per_slice",
+    "max_boxes",
+    "max_upload_mb",
 )
 
 
@@ -136,6 +142,14 @@ class SAMUNetApp(MONAILabelApp):
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.published_weights = self.model_dir / f"{MODEL_NAME}.pt"
         self.preload = bool(strtobool(conf.get("preload", "true")))
+        defaults = RequestLimits()
+        self.limits = RequestLimits(
+            max_clicks_per_slice=int(conf.get("max_clicks_per_slice", defaults.max_clicks_per_slice)),
+            max_boxes=int(conf.get("max_boxes", defaults.max_boxes)),
+        )
+        self.uploads = guard.UploadRegistry(
+            os.path.join(app_dir, "uploads"), max_bytes=int(float(conf.get("max_upload_mb", 2048)) * 2**20)
+        )
         if conf.get("threads"):
             import torch
 
@@ -177,7 +191,8 @@ class SAMUNetApp(MONAILabelApp):
             volume_cache_bytes=int(float(conf.get("volume_cache_mb", 512)) * 2**20),
             default_mode=conf.get("mode", "2d"),
             labels=conf_labels(conf.get("labels")),
-            allowed_roots=[self.studies, tempfile.gettempdir()] if not self.studies.startswith("http") else None,
+            allowed_roots=[self.studies, self.uploads.folder] if not self.studies.startswith("http") else None,
+            limits=self.limits,
             preload=False,  # built in on_init_complete: the server loads it, a background train process does not
         )
         return {MODEL_NAME: task}
@@ -198,24 +213,19 @@ class SAMUNetApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         _bind_loopback_unless_told()
-        _install_error_handlers()
+        _install_error_handlers(self)
         if self.preload:
             self._infers[MODEL_NAME].ensure_network()
 
     # ------------------------------------------------------------------------------------------------------ infer
     def infer(self, request, datastore=None):
-        """Validate the model and image id (404), never save the result in the datastore, map bad requests to 4xx."""
+        """Validate the model (404) and the image (:meth:`readable_image`), never save the result in the datastore,
+        map bad requests to 4xx."""
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise HTTPException(status_code=400, detail="no image: give an image id from the datastore")
-        if not os.path.exists(image):
-            ds = datastore if datastore else self.datastore()
-            if not ds.get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
         request = dict(request)
+        request["image"] = self.readable_image(request.get("image"), datastore)
         request["save_label"] = False  # inference never writes into the datastore
         try:
             return super().infer(request, datastore)
@@ -223,6 +233,32 @@ class SAMUNetApp(MONAILabelApp):
             raise
         except MONAILabelException as error:
             raise HTTPException(status_code=400, detail=error.msg) from None
+
+    def readable_image(self, image, datastore=None) -> str:
+        """The file an infer request may read for ``image``: a datastore image id (its file), a file this server
+        received with the request (an infer-with-upload or a session), or an absolute path inside the studies folder.
+        Anything else is refused: 400 (not a name), 404 (no such id) or 403 (a path outside the datastore, relative
+        paths included: they are never resolved against the server's working folder)."""
+        if not isinstance(image, str) or not image:
+            raise HTTPException(status_code=400, detail="no image: give an image id from the datastore")
+        if self.uploads.holds(image):
+            return image
+        ds = datastore if datastore else self.datastore()
+        uri = ds.get_image_uri(image)
+        if uri:
+            return uri
+        looks_like_path = os.path.isabs(image) or any(sep in image for sep in ("/", "\\")) or image.startswith(".")
+        if not looks_like_path:
+            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        studies = os.path.realpath(self.studies) if not self.studies.startswith(("http://", "https://")) else None
+        real = os.path.realpath(image)
+        if studies and os.path.isabs(image) and os.path.commonpath([studies, real]) == studies:
+            return real
+        raise HTTPException(
+            status_code=403,
+            detail=f"image {image!r} is a path outside the datastore; give the id of an image in the datastore "
+            "(GET /datastore/?output=all lists them) or upload the file with the request",
+        )
 
     def train(self, request):
         try:
@@ -252,14 +288,14 @@ def _bind_loopback_unless_told() -> None:
             logger.info("no --host given: binding to 127.0.0.1 (pass --host 0.0.0.0 to serve other machines)")
 
 
-def _install_error_handlers() -> None:
+def _install_error_handlers(label_app: SAMUNetApp) -> None:
     """Answer bad requests with 4xx and a message instead of MONAI Label's 500 (server mode only).
 
     MONAI Label's endpoints ``json.loads`` the ``params`` form field and let the app's exceptions through; the
-    handlers turn a malformed ``params`` JSON and this app's :class:`RequestError` into 400-class JSON answers.
+    handlers turn a malformed ``params`` JSON and this app's :class:`RequestError` into 400-class JSON answers, and
+    :func:`bundle.label.guard.install` adds the checks the endpoints lack (JSON objects, body size, uploads).
     """
-    app = sys.modules.get("monailabel.app")
-    fastapi_app = getattr(app, "app", None)
+    fastapi_app = getattr(sys.modules.get("monailabel.app"), "app", None)
     if fastapi_app is None:
         return
     from fastapi.responses import JSONResponse
@@ -272,4 +308,5 @@ def _install_error_handlers() -> None:
 
     fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
     fastapi_app.add_exception_handler(RequestError, bad_request)
+    guard.install(fastapi_app, label_app.uploads, label_app.sessions())
     fastapi_app.middleware_stack = None  # rebuilt with the new handlers on the next request

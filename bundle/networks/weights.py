@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
+#: what ``torch.load(weights_only=True)`` names when a file pickles a Python object besides tensors
+PICKLED_OBJECT = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 FORMATS = ("bundle", "sam", "sam_unet_reference", "torchvision_resnet", "litemedsam")
 # SAM decoder parts that SAM-UNet's med-token decoder replaces
 SAM_DECODER_HEADS = (
@@ -130,10 +132,13 @@ def read_checkpoint(
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        pickled = PICKLED_OBJECT.search(str(error))
+        if pickled is None:  # not a checkpoint at all: random bytes, a truncated or foreign file
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (torch.load cannot parse it)") from None
         raise ValueError(
-            f"{path} holds pickled Python objects besides tensors (for example a saved optimizer), so it cannot be "
-            "loaded safely with weights_only=True. If you trust the file, extract its weights once with "
-            f"`python scripts/convert_checkpoint.py --trust-pickle {path} OUT.pt`.\nDetail: {str(error).splitlines()[0]}"
+            f"{path} holds a pickled Python object ({pickled.group(1)}) besides tensors (for example a saved "
+            "optimizer), so it cannot be loaded safely with weights_only=True. If you trust the file, extract its "
+            f"weights once with `python scripts/convert_checkpoint.py --trust-pickle {path} OUT.pt`"
         ) from None
     except Exception as error:  # a corrupt file can fail anywhere inside the unpickler
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
@@ -149,7 +154,24 @@ def read_checkpoint(
         raise ValueError(
             f"{path} does not contain a state dict of tensors (top-level type {type(checkpoint).__name__})"
         )
+    require_finite_weights(checkpoint, str(path))
     return checkpoint, contract
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold NaN or Inf, in state-dict order."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def require_finite_weights(state: dict[str, torch.Tensor], source: str, shown: int = 5) -> None:
+    """Raise ValueError naming the first ``shown`` tensors of ``state`` that hold NaN or Inf."""
+    bad = non_finite_tensors(state)
+    if bad:
+        names = ", ".join(bad[:shown]) + (f" and {len(bad) - shown} more" if len(bad) > shown else "")
+        raise ValueError(
+            f"{source}: {len(bad)} weight tensor(s) hold NaN or Inf ({names}); the checkpoint is corrupt or its "
+            "training diverged, so it would give empty or meaningless masks"
+        )
 
 
 def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Imaging modality names and how a modality is found: config, datalist field, DICOM tag, file name.
+"""Imaging modality names and how a modality is found: config, datalist field, DICOM tag, file name, and for CT
+the Hounsfield range of the intensities; intensities that contradict the chosen modality are refused.
 
 The SA-Med2D-16M naming rules themselves (``<modality>--<dataset>--<case>--<axis>_<slice>``) live
 here too, because both the transforms (modality from a file name) and ``bundle.data`` need them.
@@ -6,9 +7,12 @@ here too, because both the transforms (modality from a file name) and ``bundle.d
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from enum import Enum
+
+import numpy as np
 
 __all__ = [
     "Modality",
@@ -20,7 +24,16 @@ __all__ = [
     "modality_from_filename",
     "modality_from_meta",
     "resolve_modality",
+    "looks_like_hounsfield",
+    "check_intensities",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: intensities at or below this are air in Hounsfield units; MR, PET and 8-bit images have none so low
+AIR_HU = -500.0
+#: the share of voxels at or below ``AIR_HU`` that makes a volume CT in HU (air around and inside the body)
+AIR_FRACTION = 0.01
 
 
 class Modality(str, Enum):
@@ -153,14 +166,37 @@ def modality_from_meta(meta: Mapping | None) -> Modality | None:
     return modality_from_filename(filename) if isinstance(filename, (str, os.PathLike)) else None
 
 
+def looks_like_hounsfield(intensities) -> bool:
+    """Whether an intensity array is a CT in Hounsfield units: at least ``AIR_FRACTION`` of it is air."""
+    values = np.asarray(intensities)
+    return bool(values.size) and float((values <= AIR_HU).mean()) >= AIR_FRACTION
+
+
+def check_intensities(intensities, modality: Modality, source: str = "image") -> None:
+    """Refuse an image that cannot be segmented as ``modality``: a constant one (any modality), or one in Hounsfield
+    units (much air) given as MR or PET, which would be normalised as nonsense. ValueError naming ``source``."""
+    values = np.asarray(intensities)
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise ValueError(f"{source}: the image is constant (every value {low:g}); there is nothing to segment")
+    if modality in (Modality.MR, Modality.PET) and looks_like_hounsfield(values):
+        air = float((values <= AIR_HU).mean())
+        raise ValueError(
+            f"{source}: given as {modality.value}, but {air:.0%} of its values are <= {AIR_HU:g} (range {low:g} to "
+            f"{high:g}), the air of a CT in Hounsfield units; give modality ct if it is a CT"
+        )
+
+
 def resolve_modality(
     meta: Mapping | None,
     configured: str | Modality | None = None,
     field: str | Modality | None = None,
     default: str | Modality | None = None,
     source: str = "image",
+    intensities=None,
 ) -> Modality:
-    """Pick the modality: configured value, then datalist field, then metadata, then default.
+    """Pick the modality: configured value, then datalist field, then metadata, then (given ``intensities``, the
+    image's values) CT when they are in Hounsfield units, then default; the choice is logged.
 
     Raises ValueError naming ``source`` when none of them gives a modality or a value is unknown.
     """
@@ -170,7 +206,13 @@ def resolve_modality(
                 return parse_modality(value)
         found = modality_from_meta(meta)
         if found is not None:
+            logger.info("%s: modality %s, from its metadata", source, found.value)
             return found
+        if intensities is not None and looks_like_hounsfield(intensities):
+            logger.info(
+                "%s: modality ct, inferred from its intensities (Hounsfield units: air below %g)", source, AIR_HU
+            )
+            return Modality.CT
         if default is not None:
             return parse_modality(default)
     except ValueError as err:
