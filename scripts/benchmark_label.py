@@ -5,7 +5,9 @@ Starts the app on a free loopback port (or uses ``--url``), uploads a volume thr
 times, end to end from the client (request, multipart answer, label file saved):
 
 - ``first``: a box on a slice nobody has encoded yet (image encoder + decoder; the volume is loaded too);
-- ``cached_click``: box + a foreground click on the same slice, repeated (the embedding comes from the cache);
+- ``cached_click``: box + foreground clicks on the same slice, one more per request as 3D Slicer sends them (the
+  embedding comes from the cache; the object's interaction session holds the mask of the earlier clicks, so only
+  the new click is decoded, which is checked);
 - ``box_3d``: a 3D box over the lesion's slices (for reference).
 
 Example::
@@ -71,9 +73,10 @@ def run(url: str, image: Path, roi: list[int], slice_index: int, click: list[int
         raise RuntimeError(f"the first request should encode one slice, got {first_result}")
     cached, server_side, cpu = [], [], []
     for n in range(clicks):
-        elapsed, result = timed({"roi": roi, "foreground": [[click[0] + n % 3 - 1, click[1], slice_index]]})
-        if result["encoded_slices"] != 0:
-            raise RuntimeError(f"click {n} was not served from the cache: {result}")
+        clicks_so_far = [[click[0] + m % 5 - 2, click[1] + m // 5 % 5 - 2, slice_index] for m in range(n + 1)]
+        elapsed, result = timed({"roi": roi, "foreground": clicks_so_far})
+        if result["encoded_slices"] != 0 or result["decoded_slices"] != 1:
+            raise RuntimeError(f"click {n} was not served from the cache and the session: {result}")
         cached.append(elapsed)
         server_side.append(result["latencies"]["total"])
         cpu.append(result.get("cpu_s", float("nan")))

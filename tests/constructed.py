@@ -111,3 +111,35 @@ def write_spheres(path):
     hu = np.where(volume > 100, 300, -800).astype(np.int16)
     nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
     return masks
+
+
+class ClickFollowingNet(BrightObjectNet):
+    """:class:`BrightObjectNet` that also follows clicks beside a box: a foreground click adds the bright connected
+    component under it, a background click removes the one under it. With ``spill`` every prompt that holds clicks
+    also switches on a square in the frame's top-left corner, far from any click: the global change a box-trained
+    decoder makes when it is given clicks. Every ``mask_inputs`` it receives is recorded in ``mask_inputs_seen``."""
+
+    def __init__(self, image_size: int = 256, threshold: float = 0.5, spill: bool = False) -> None:
+        super().__init__(image_size, threshold)
+        self.spill = spill
+        self.mask_inputs_seen: list = []
+
+    def decode_low_res(self, features, boxes=None, points=None, point_labels=None, mask_inputs=None, image_index=None):
+        from scipy import ndimage
+
+        self.mask_inputs_seen.append(None if mask_inputs is None else mask_inputs.clone())
+        logits = super().decode_low_res(features, boxes, points, point_labels, mask_inputs, image_index)
+        if points is None:
+            return logits
+        embedding = features["embedding"]
+        index = torch.arange(len(points)) if image_index is None else torch.as_tensor(image_index)
+        out = (logits[:, 0] > 0).cpu().numpy()
+        for row in range(len(points)):
+            labels, _ = ndimage.label((embedding[index[row], 0] > self.threshold).cpu().numpy())
+            for (x, y), lab in zip(points[row].tolist(), point_labels[row].tolist()):
+                component = labels[int(round(float(y))), int(round(float(x)))]
+                if lab >= 0 and component:
+                    out[row][labels == component] = bool(lab)
+            if self.spill and (point_labels[row] >= 0).any():
+                out[row][:8, :8] = True
+        return torch.from_numpy(np.where(out, 10.0, -10.0)).float()[:, None].to(embedding.device)

@@ -88,7 +88,7 @@ def test_plan_box_and_slice_box():
         ({"points": [[5, 5, 5]], "point_labels": [0]}, "only background clicks"),
         ({}, "no prompt given"),
         ({"box": [1, 2, 3, 10, 20, 5], "slice_box": [1, 2, 3, 4], "slice_index": 2}, "not both"),
-        ({"box": [1, 2, 3, 10, 20, 5], "points": [[5, 5, 9]], "point_labels": [1]}, "outside the box's slice range"),
+        ({"box": [1, 2, 3, 10, 20, 5], "points": [[5, 5, 9]], "point_labels": [0]}, "outside the box's slice range"),
     ],
 )
 def test_plan_rejects_bad_prompts(kwargs, message):

@@ -5,6 +5,7 @@ from .cache import EmbeddingCache, MemoryCache
 from .evaluation import ObjectEvaluator, dice_nsd, object_evaluator
 from .mask_prompts import check_label_map, label_map_plans, label_values, load_mask_prompt, mask_plan
 from .objects import SegmentationObject, plan_objects
+from .session import InteractionSession, SessionStore, SliceState
 from .slice_inferer import PromptedSliceInferer, SliceFrame, SliceResult, check_intensity_range
 from .volume import VolumeInferenceRunner, build_datalist, normalized_volume, output_path_for, to_slices
 from .volume_prompts import PromptPlan, SlicePrompt, plan_prompts
@@ -16,6 +17,9 @@ __all__ = [
     "SlidingWindowSliceInferer",
     "EmbeddingCache",
     "MemoryCache",
+    "InteractionSession",
+    "SessionStore",
+    "SliceState",
     "PromptedSliceInferer",
     "SliceFrame",
     "SliceResult",

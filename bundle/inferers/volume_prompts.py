@@ -6,6 +6,10 @@ on slice ``slice_index`` of the chosen axis, clicks ``[i, j, k]`` with labels 1 
 A 2D image (``LoadImage`` reads it ``[x, y]``, column first) takes a box ``[x0, y0, x1, y1]`` (SAM's XYXY) and
 clicks ``[x, y]``.
 
+A foreground click on a slice beyond a 3D box's slice range joins the object: the range grows to that slice (the
+inferer grows a slice's box in-plane, ``grow_box``). A background click there is an error (nothing is segmented
+there). Slices with background clicks only correct what propagation brings to them.
+
 Every check raises ``ValueError`` naming the value and what was expected, before any inference or output.
 """
 
@@ -229,18 +233,26 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
             raise ValueError(f"{len(pts)} points but {len(labels)} point_labels; give one label per point")
         if any(v not in (0, 1) for v in labels):
             raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {labels}")
-        for p in pts:
+        for p, label in zip(pts, labels):
             check_inside("click", p)
             k = p[axis]
             if box_range is not None and not box_range[0] <= k <= box_range[1]:
-                raise ValueError(f"click {p} lies outside the box's slice range {list(box_range)} along axis {axis}")
+                if label == 0:
+                    raise ValueError(
+                        f"background click {p} lies outside the box's slice range {list(box_range)} along axis "
+                        f"{axis}: nothing is segmented there to remove"
+                    )
+                # a foreground click beyond the box joins the object: the box's slice range grows to its slice
+                for j in range(min(k, box_range[0]), max(k, box_range[1]) + 1):
+                    seeds.setdefault(j, SlicePrompt(box=plane_box))
+                box_range = (min(k, box_range[0]), max(k, box_range[1]))
         for p, label in zip(pts, labels):
             seed = seeds.setdefault(p[axis], SlicePrompt())
             seed.points.append((p[in_plane[0]], p[in_plane[1]]))
             seed.labels.append(label)
-        for k, seed in seeds.items():
-            if seed.box is None and 1 not in seed.labels:
-                raise ValueError(f"slice {k} has only background clicks; add a foreground click (label 1) or a box")
+        if not any(seed.box is not None or 1 in seed.labels for seed in seeds.values()):
+            raise ValueError("only background clicks: add a foreground click (label 1) or a box")
+        # a slice with background clicks only corrects the mask that propagation brings to it
     return PromptPlan(seeds=dict(sorted(seeds.items())), propagate=propagate, axis=axis, num_slices=shape[axis])
 
 

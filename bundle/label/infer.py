@@ -13,7 +13,10 @@
    (:mod:`bundle.label.requests`); anything wrong is a :class:`RequestError` (HTTP 4xx);
 4. the inferer segments every object of the request together (:meth:`PromptedSliceInferer.segment_objects`); its
    embedding cache keeps every encoded slice, so a further click on an encoded slice only runs the prompt encoder
-   and mask decoder;
+   and mask decoder; each object's interaction session (:class:`bundle.inferers.SessionStore`, keyed by image and
+   object label, bounded in bytes, expiring) keeps its last masks and low-res logits per slice, so a correction
+   refines the mask on screen and only the new clicks are decoded. A request whose boxes for an object differ from
+   the session's (a new box) starts it afresh; ``reset_state`` (true) drops every session of the image first;
 5. the answer (a 0/1 mask for one label, a label map of the configured labels for ``objects`` or a label upload) is
    written with the image's geometry (:func:`bundle.io.write_mask`, the fast ITK path) to a temporary file that
    MONAI Label sends back and deletes; ``label_names`` in the JSON part names its values. Nothing in the datastore
@@ -40,7 +43,15 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from bundle.config import BUNDLE_ROOT, bundle_parser
-from bundle.inferers import MemoryCache, PromptedSliceInferer, load_mask_prompt, normalized_volume, to_slices
+from bundle.inferers import (
+    InteractionSession,
+    MemoryCache,
+    PromptedSliceInferer,
+    SessionStore,
+    load_mask_prompt,
+    normalized_volume,
+    to_slices,
+)
 from bundle.io import LABEL_SUFFIXES, VOLUME_SUFFIXES, ReferenceGeometry, load_image, write_mask
 
 from .requests import DEFAULT_LABELS, RequestError, RequestLimits, check_label_names, parse_request
@@ -81,6 +92,9 @@ class SAMUNetInferTask(BasicInferTask):
             upload folder); other paths are refused with 403.
         limits: the most clicks per slice and boxes per request (:class:`RequestLimits`); more is refused with 413
             before the network is taken.
+        session_bytes: memory budget of the interaction sessions (the least recently used go beyond it; 0: none
+            kept, every request is replayed from its box).
+        session_ttl_s: seconds after its last request when an object's session expires.
     """
 
     def __init__(
@@ -96,6 +110,8 @@ class SAMUNetInferTask(BasicInferTask):
         allowed_roots: list[str] | None = None,
         limits: RequestLimits | None = None,
         preload: bool = True,
+        session_bytes: int = 256 << 20,
+        session_ttl_s: float = 1800.0,
         description: str = "SAM-UNet interactive segmentation (clicks and boxes, cached slice embeddings)",
     ) -> None:
         labels = check_label_names(labels or DEFAULT_LABELS)
@@ -115,6 +131,7 @@ class SAMUNetInferTask(BasicInferTask):
         self.default_modality = default_modality
         self.default_mode = default_mode
         self.volumes = MemoryCache(volume_cache_bytes, sizeof=_volume_entry_bytes)
+        self.sessions = SessionStore(session_bytes, session_ttl_s)
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
         self.limits = limits or RequestLimits()
         self._lock = threading.RLock()
@@ -153,6 +170,7 @@ class SAMUNetInferTask(BasicInferTask):
             parser.get_parsed_content("initialize")  # the config's CPU tuning (glibc malloc thresholds)
             inferer = parser.get_parsed_content("inferer")
             self._inferer = inferer
+            self.sessions.reset()  # masks of the old weights
             self._weights_stamp = stamp
             self.generation += 1
             source = parser.get_parsed_content("weights")
@@ -253,13 +271,26 @@ class SAMUNetInferTask(BasicInferTask):
         parsed = parse_request(
             {**request, "mode": mode}, volume.shape, self.default_mode, self.labels, mask, self.limits
         )
+        reset = request.get("reset_state", False)
+        if not isinstance(reset, bool) and reset not in (0, 1, "true", "false"):
+            raise RequestError(f"reset_state must be true or false, got {reset!r}")
 
         with self._lock:  # one request at a time on the network (the cache and inferer state are shared)
             inferer = self.ensure_network()
             cache = inferer.cache
             hits0, misses0, encoded0 = cache.hits, cache.misses, inferer.stats["encoded"]
             image_id = (key, self.generation)
-            labels, results = inferer.segment_objects(volume, parsed.plans, image_id=image_id, labels=parsed.labels)
+            if reset in (True, 1, "true"):
+                self.sessions.reset(image_id)
+            objects = object_keys(parsed.labels, parsed.label_names)
+            sessions = [self._session(image_id, name, plan) for name, plan in zip(objects, parsed.plans)]
+            decoded0 = inferer.stats["decoded"]
+            labels, results = inferer.segment_objects(
+                volume, parsed.plans, image_id=image_id, labels=parsed.labels, sessions=sessions
+            )
+            for name, session in zip(objects, sessions):
+                self.sessions.put(image_id, name, session)
+            decoded = inferer.stats["decoded"] - decoded0
             slices = [r.index for object_results in results for r in object_results]
             encoded = inferer.stats["encoded"] - encoded0
             hits, misses = cache.hits - hits0, cache.misses - misses0
@@ -290,6 +321,8 @@ class SAMUNetInferTask(BasicInferTask):
             "slices": sorted(set(slices)),
             "voxels": int((labels > 0).sum()),
             "encoded_slices": int(encoded),
+            "decoded_slices": int(decoded),
+            "sessions": {"objects": len(self.sessions), "mib": round(self.sessions.nbytes / 2**20, 2)},
             "cache": {
                 "hits": int(hits),
                 "misses": int(misses),
@@ -319,6 +352,12 @@ class SAMUNetInferTask(BasicInferTask):
         )
         return str(out), result
 
+    def _session(self, image_id, name, plan) -> InteractionSession:
+        """The object's session, or a fresh one when its request's boxes differ from those it was started with."""
+        boxes = tuple((k, seed.box) for k, seed in plan.seeds.items() if seed.box is not None)
+        session = self.sessions.get(image_id, name)
+        return session if session.boxes == boxes else InteractionSession(boxes)
+
     def _label_upload(self, request: dict, shape: tuple[int, ...]) -> tuple[dict, np.ndarray | None]:
         """An uploaded ``label`` file (MONAI Label puts its temporary path in ``request["label"]``) as a label map of
         the image's size, and the request without it; a ``label`` that is not a file is a label name."""
@@ -338,3 +377,15 @@ class SAMUNetInferTask(BasicInferTask):
 
     def post_transforms(self, data=None):
         return []
+
+
+def object_keys(values: list[int], label_names: dict[str, int]) -> list[tuple[str, int]]:
+    """The session key of each object of a request: its label's name and its rank among the request's objects of
+    that label (several boxes of one label are several objects)."""
+    names = {value: name for name, value in label_names.items()}
+    seen: dict[int, int] = {}
+    keys = []
+    for value in values:
+        keys.append((names.get(value, str(value)), seen.get(value, 0)))
+        seen[value] = seen.get(value, 0) + 1
+    return keys

@@ -12,6 +12,8 @@ Configuration (``--conf key value``; all optional):
 ``mode``               default request mode, ``2d`` or ``3d`` (default ``2d``).
 ``labels``             the labels served, JSON ``{"name": value}`` with values 1..N (default ``{"lesion": 1}``).
 ``cache_mb``           embedding cache budget in MiB (default 1024); ``volume_cache_mb`` loaded volumes (512).
+``session_mb``         interaction sessions (each object's last masks, for corrections) in MiB (default 256).
+``session_ttl_s``      seconds after its last request when an object's session expires (default 1800).
 ``device``             ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when available).
 ``model_dir``          where trained weights are published (default ``<app>/model``).
 ``preload``            build the network at server start (default ``true``).
@@ -62,6 +64,8 @@ APP_OPTIONS = (
     "mode",
     "labels",
     "volume_cache_mb",
+    "session_mb",
+    "session_ttl_s",
     "model_dir",
     "preload",
     "threads",
@@ -189,6 +193,8 @@ class SAMUNetApp(MONAILabelApp):
             modality=conf.get("modality"),
             default_modality=conf.get("default_modality", "ct"),
             volume_cache_bytes=int(float(conf.get("volume_cache_mb", 512)) * 2**20),
+            session_bytes=int(float(conf.get("session_mb", 256)) * 2**20),
+            session_ttl_s=float(conf.get("session_ttl_s", 1800)),
             default_mode=conf.get("mode", "2d"),
             labels=conf_labels(conf.get("labels")),
             allowed_roots=[self.studies, self.uploads.folder] if not self.studies.startswith("http") else None,

@@ -6,6 +6,10 @@ A bundle checkpoint is ``{"model": state_dict, "network": contract}`` where the 
      "pixel_normalization": "sam" | "litemedsam", "image_size": 256,
      "fingerprint": <16 hex digits of SHA-256 over the state dict>, "bundle_version": "0.3.0", "contract_version": 1}
 
+An optional ``"trained_prompts"`` (e.g. ``["box", "points", "mask"]``) says what the weights were trained to follow
+(``"mask"``: the previous low-res logits fed back with each corrective click); the slice inferer's
+``mask_feedback="auto"`` reads it (:func:`bundle.networks.weights.trained_prompts`).
+
 Every saver writes it (the training checkpoint handlers, the MONAI Label train task, federated sites through the
 training config) and every loader builds the network from it (:class:`bundle.networks.SAMUNet` with ``weights``), so a
 trained model runs everywhere without architecture overrides. Checkpoints without the entry (official SAM,

@@ -22,7 +22,7 @@ from .conv_branch import STAGE_STRIDES, ConvBranch
 from .decoder import MaskDecoder
 from .interface import PromptableNetworkMixin
 from .pixels import check_pixel_normalization, default_pixel_normalization
-from .weights import WeightsFile, load_state, read_weights
+from .weights import WeightsFile, load_state, read_weights, trained_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ class SAMUNet(PromptableNetworkMixin, nn.Module):
         # the architecture arguments (weights excluded): the model contract of its checkpoints and exported files
         self.config = dict(architecture, fusion=fusion)
         self.load_report = None
+        # what the weights were trained to follow (("box",) for LiteMedSAM); None when unknown
+        self.trained_prompts = trained_prompts(source) if source is not None else None
         self.image_encoder = build_backbone(backbone, image_size)
         self.image_encoder.requires_grad_(False)
         embedding_size = self.image_encoder.embedding_size

@@ -82,6 +82,14 @@ def resolve_weights(path: str | Path) -> Path:
     return Path(path)
 
 
+def trained_prompts(weights: WeightsFile) -> tuple[str, ...] | None:
+    """The prompts the weights were trained with (``"box"``, ``"points"``, ``"mask"``: the previous low-res logits
+    fed back), as their contract records them; LiteMedSAM's are boxes only; ``None`` when unknown."""
+    if weights.contract is not None and weights.contract.get("trained_prompts") is not None:
+        return tuple(weights.contract["trained_prompts"])
+    return ("box",) if weights.source_format == "litemedsam" else None
+
+
 @dataclass
 class LoadReport:
     """What a load did: keys loaded, keys the model kept at their initial values, keys in the file that were dropped."""

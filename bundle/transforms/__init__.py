@@ -48,6 +48,7 @@ from .prompts import (
     box_from_mask,
     corrective_click,
     largest_component,
+    protocol_click,
     sample_points,
 )
 
@@ -94,6 +95,7 @@ __all__ = [
     "RandCorrectiveClickd",
     "RandPointPromptd",
     "box3d_from_mask",
+    "protocol_click",
     "box_from_mask",
     "corrective_click",
     "largest_component",

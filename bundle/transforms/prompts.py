@@ -25,6 +25,7 @@ __all__ = [
     "sample_points",
     "corrective_click",
     "box3d_from_mask",
+    "protocol_click",
     "RandBoxPromptd",
     "RandPointPromptd",
     "RandCorrectiveClickd",
@@ -175,6 +176,30 @@ def box3d_from_mask(mask3d, largest: bool = True, name: str | None = None) -> np
     if not fg.any():
         raise ValueError(f"{name}: empty mask (no foreground voxel); a 3D box prompt needs foreground")
     return _bounds(largest_component(fg) if largest else fg)
+
+
+def protocol_click(pred, truth, spacing=None) -> tuple[tuple[int, ...] | None, int]:
+    """The interactive protocol's next click on a 2D or 3D prediction (both ``[*spatial]``, binarised at 0.5).
+
+    The click is the point farthest inside the largest connected error region (full connectivity; distances in
+    ``spacing`` units per axis, voxels by default, the image border counting as outside): foreground (label 1)
+    on a miss, background (0) on a false positive. With an empty ``pred`` it is the deepest point of the object
+    (SAM-Med2D's first point-only click). Returns ``(index, label)``, or ``(None, -1)`` when nothing is wrong.
+    """
+    truth = np.asarray(truth) > 0.5
+    pred = np.asarray(pred) > 0.5
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from the ground truth's {truth.shape}")
+    error = pred != truth
+    if not error.any():
+        return None, -1
+    region = largest_component(error)
+    bounds = _bounds(region)  # the distances inside a region depend only on its bounding box (plus the border)
+    crop = tuple(slice(lo, hi + 1) for lo, hi in zip(bounds[: truth.ndim], bounds[truth.ndim :]))
+    distance = ndimage.distance_transform_edt(np.pad(region[crop], 1), sampling=spacing)
+    inner = np.unravel_index(int(np.argmax(distance[(slice(1, -1),) * truth.ndim])), region[crop].shape)
+    index = tuple(int(c.start + v) for c, v in zip(crop, inner))
+    return index, int(truth[index])
 
 
 def _channels(mask, name: str) -> list:
