@@ -1,8 +1,8 @@
 """Training memory switches: the same gradients on a real step, micro-batch accumulation, the out-of-memory report.
 
 Real data: the committed CT crop of tests/data (lung tumour; the MR crop is the validation case), converted with
-the bundle's converter and read through train.json's own preprocessing. The network is SAM-UNet-Lite's structure (LiteMedSAM's TinyViT with its weights,
-ResNet34 branch, fusion, SAM tokens) at 128 px to keep the test fast.
+the bundle's converter and read through train.json's own preprocessing. The network is SAM-UNet-Lite's structure
+(LiteMedSAM's TinyViT with its weights, ResNet34 branch, fusion, SAM tokens) at 128 px to keep the test fast.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import re
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 from monai.losses import DiceFocalLoss
-from train_helpers import REPO_ROOT, SMALL_NET, convert_crops, run_bundle
+from train_helpers import REPO_ROOT, SMALL_NET, convert_crops, run_bundle, workflow
 
 from bundle.engines import SAMUNetTrainer, TrainingOutOfMemoryError
 from bundle.networks import SAMUNet
@@ -256,32 +256,26 @@ def test_documented_training_command_runs_with_the_progress_bar(tmp_path_factory
 def loss_curve(root, bundle_root, threads=1, **overrides):
     """Losses of 8 train.json iterations (2 epochs of 4) on the real CT slices, small network, one thread."""
     torch.set_num_threads(threads)
-    workflow = ConfigWorkflow(
-        config_file=str(REPO_ROOT / "configs" / "train.json"),
-        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
-        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(bundle_root),
+    run = workflow(
+        ["train.json"],
+        "train",
+        bundle_root,
         dataset_dir=str(root),
         max_epochs=2,
         epoch_length=4,
         batch_size=4,
         accumulate_steps=1,
         masks_per_image=2,
-        num_workers=0,
         cache="none",
         interactive_iterations=2,
         val_interval=100,
-        **SMALL_NET,
         **overrides,
     )
-    workflow.initialize()
+    run.initialize()
     losses = []
-    workflow.trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"]))
-    )
-    workflow.run()
-    workflow.finalize()
+    run.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+    run.run()
+    run.finalize()
     torch.set_num_threads(1)
     return torch.tensor(losses)
 
