@@ -159,7 +159,9 @@ class PromptedSliceInferer:
             (in the [0, 255] units of the normalised slice) outlines nothing and stops propagation, its slice left
             empty. Box-trained models such as LiteMedSAM draw a blob in any box, even on a uniform region past the
             object's end; this check stops them there. ``0`` disables it.
-        amp: mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU.
+        amp: mixed-precision autocast on the inferer's device: bf16 (fp16 on CUDA devices without bf16). ``None``
+            (default): on CUDA only. ``True`` on CPU runs bf16 autocast there, slower than fp32 on CPUs without
+            native bf16; it exists so that the mixed-precision code path can be checked without a GPU.
         device: where to run (default: the network's device).
         transpose_slices: show a volume slice ``[A, B]`` to the network as rows = b, columns = a (the radiological
             display of an ITK-loaded axial slice). Default ``False``: rows = a, as the data pipeline's
@@ -187,7 +189,7 @@ class PromptedSliceInferer:
         margin: float = 5.0,
         min_area: int = 1,
         min_contrast: float = 10.0,
-        amp: bool = True,
+        amp: bool | None = None,
         device: str | torch.device | None = None,
         transpose_slices: bool = False,
         mask_inputs: bool = True,
@@ -205,7 +207,7 @@ class PromptedSliceInferer:
             device = next((p.device for p in network.parameters()), torch.device("cpu"))
         self.device = torch.device(device)
         self.network.to(self.device).eval()
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         self.image_size = int(network.image_size)
         self.transpose = transpose_slices
         self.mask_inputs = bool(mask_inputs)
@@ -220,7 +222,7 @@ class PromptedSliceInferer:
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module | None = None, *args, **kwargs) -> torch.Tensor:
         """MONAI ``Inferer`` interface for 2D batches already in the network frame: ``network(inputs, **prompts)``
-        (with no prompt, a whole-image box), under mixed precision on CUDA. Used by MONAI tools and MONAI Label."""
+        (with no prompt, a whole-image box), under the inferer's mixed precision. Used by MONAI tools and MONAI Label."""
         network = network if network is not None else self.network
         with self._autocast():
             return network(inputs.to(self.device), *args, **kwargs).float()
@@ -229,8 +231,9 @@ class PromptedSliceInferer:
     def _autocast(self):
         if not self.amp:
             return nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _prepare(self, slices: np.ndarray, frame: SliceFrame) -> torch.Tensor:
         """``[N, A, B]`` or ``[N, 3, A, B]`` intensities in [0, 255] -> the network's input ``[N, 3, S, S]``."""
