@@ -281,6 +281,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--json", default=None, help="also write the summary here")
     args = parser.parse_args(argv)
 
     import torch
@@ -295,7 +296,10 @@ def main(argv=None) -> dict:
         from bundle.networks.cpu import tune_malloc
 
         tune_malloc()
-    return throughput_mode(args, device) if args.throughput else volume_mode(args, device)
+    summary = throughput_mode(args, device) if args.throughput else volume_mode(args, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":
