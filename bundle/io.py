@@ -264,6 +264,23 @@ def mask_data(mask: np.ndarray) -> np.ndarray:
     return mask.astype(np.uint8 if not mask.size or mask.max() <= 255 else np.uint16)
 
 
+def write_run_record(path: str | os.PathLike, script: str, argv: Sequence[str], device: str = "", **fields) -> None:
+    """Write a script's JSON record atomically: its command line, the UTC date, the machine, then ``fields``."""
+    import datetime
+    import json
+    import platform
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads" + (f", {device}" if device else "")
+    record = {
+        "command": f"python {script} " + " ".join(argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        "machine": machine,
+        **fields,
+    }
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+
+
 def atomic_writer(output_ext: str) -> type:
     """MONAI's first ``ImageWriter`` for ``output_ext`` (``".nii.gz"``, ``".nrrd"``, ``".png"``, ...) for
     ``SaveImaged(writer=...)``, writing through :func:`atomic_write` so a failed write leaves no truncated file under

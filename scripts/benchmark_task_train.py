@@ -22,9 +22,7 @@ Peak memory is the process's peak resident set (VmHWM) in a fresh child process 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -175,16 +173,10 @@ def main(argv=None) -> int:
             flush=True,
         )
     if args.json:
-        from bundle.io import atomic_write
+        from bundle.io import write_run_record
 
-        record = {
-            "command": "python scripts/benchmark_task_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {args.device}",
-            "results": results,
-        }
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+        argv = argv if argv is not None else sys.argv[1:]
+        write_run_record(args.json, "scripts/benchmark_task_train.py", argv, args.device, results=results)
     return 0
 
 

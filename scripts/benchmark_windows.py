@@ -22,9 +22,7 @@ Dice (MONAI ``compute_dice``) of ``logits > 0`` against the mask on the original
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -145,17 +143,10 @@ def main(argv=None) -> int:
                 f"{entry['windows']:.1f} |"
             )
     if args.json:
-        from bundle.io import atomic_write
+        from bundle.io import write_run_record
 
-        record = {
-            "command": "python scripts/benchmark_windows.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}",
-            "summary": summary,
-            "rows": rows,
-        }
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+        argv = argv if argv is not None else sys.argv[1:]
+        write_run_record(args.json, "scripts/benchmark_windows.py", argv, str(device), summary=summary, rows=rows)
     return 0
 
 

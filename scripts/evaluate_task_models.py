@@ -24,9 +24,7 @@ CPU seconds (``time.process_time``) and wall seconds are reported per phase.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -259,17 +257,16 @@ def main(argv=None) -> int:
             f"{r['encode_cpu_s']:.0f} / {r['train_cpu_s']:.0f} / {r['eval_cpu_s']:.0f} | {r['zero_shot_cpu_s']:.0f} |"
         )
     if args.json:
-        from bundle.io import atomic_write
+        from bundle.io import write_run_record
 
-        record = {
-            "command": "python scripts/evaluate_task_models.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "results": results,
-        }
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+        argv = argv if argv is not None else sys.argv[1:]
+        write_run_record(
+            args.json,
+            "scripts/evaluate_task_models.py",
+            argv,
+            args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            results=results,
+        )
     return 0
 
 

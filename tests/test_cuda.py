@@ -92,19 +92,39 @@ def _crops_dataset(root: Path) -> Path:
     return data
 
 
-TRAINING_CONFIGS = [["configs/train.json"], ["configs/train.json", "configs/vit_b.json"]]
+def _volumes_datalist(root: Path) -> Path:
+    volumes = root / "volumes.json"
+    image, label = (str(REPO / "tests/data" / f"lung1_crop_{kind}.nrrd") for kind in ("image", "label"))
+    volumes.write_text(json.dumps([{"image": image, "label": label, "modality": "ct"}]))
+    return volumes
 
 
-@pytest.mark.parametrize("configs", TRAINING_CONFIGS, ids=["lite", "vit_b"])
-def test_one_amp_training_step_of_each_training_config(configs, tmp_path):
+#: every training config users run (multi_gpu_train.json: the NCCL test below)
+TRAINING_CONFIGS = {
+    "lite": ["configs/train.json"],
+    "vit_b": ["configs/train.json", "configs/vit_b.json"],
+    "volumes": ["configs/train.json", "configs/train_volumes.json"],
+    "auto": ["configs/train.json", "configs/train_auto.json"],
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINING_CONFIGS))
+def test_one_amp_training_step_of_each_training_config(name, tmp_path):
     """One iteration on CUDA with AMP (bf16 autocast where supported): finite loss, the trainable weights move."""
     from monai.bundle import ConfigWorkflow
 
-    data = _crops_dataset(tmp_path)
-    overrides = dict(dataset_dir=str(data), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"))
-    overrides.update(batch_size=1, masks_per_image=2, interactive_iterations=2, max_epochs=1, epoch_length=1)
-    overrides.update(num_workers=0, cache="none", val_interval=100, amp=True, device="$torch.device('cuda')")
-    if "configs/vit_b.json" in configs:
+    configs = TRAINING_CONFIGS[name]
+    overrides = dict(ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"))
+    overrides.update(batch_size=1, max_epochs=1, epoch_length=1, num_workers=0, val_interval=100)
+    overrides.update(amp=True, device="$torch.device('cuda')")
+    if name == "auto":
+        overrides["dataset_dir"] = str(REPO / "tests/data/hc18_small")
+    else:
+        overrides.update(masks_per_image=2, interactive_iterations=2, cache="none")
+        overrides["dataset_dir"] = str(_crops_dataset(tmp_path))
+    if name == "volumes":
+        overrides["train_volumes"] = overrides["val_volumes"] = str(_volumes_datalist(tmp_path))
+    if name == "vit_b":
         overrides["weights"] = ""  # no SAM ViT-B file here: random frozen encoder, the step is what is checked
     workflow = ConfigWorkflow(config_file=[str(REPO / c) for c in configs], workflow_type="train", **overrides)
     workflow.initialize()
