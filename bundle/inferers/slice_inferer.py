@@ -545,8 +545,9 @@ class PromptedSliceInferer:
         prompt: SlicePrompt,
         image_id="volume",
         axis: int = -1,
-        transpose: bool | None = None,
         session: InteractionSession | None = None,
+        *,
+        transpose: bool | None = None,
     ) -> np.ndarray:
         """Segment one slice of ``volume [A, B, K]`` with ``prompt`` (reusing a cached embedding); ``[A, B]`` bool.
 
@@ -568,9 +569,10 @@ class PromptedSliceInferer:
         volume: np.ndarray,
         plan: PromptPlan,
         image_id="volume",
-        transpose: bool | None = None,
         session: InteractionSession | None = None,
         on_slice: Callable[[int], None] | None = None,
+        *,
+        transpose: bool | None = None,
     ) -> tuple[np.ndarray, list[SliceResult]]:
         """Segment one object of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``, slices along the last axis) following
         ``plan``; returns the boolean mask ``[A, B, K]`` and one :class:`SliceResult` per decoded slice, in slice order.
@@ -586,9 +588,10 @@ class PromptedSliceInferer:
         plans: list[PromptPlan],
         image_id="volume",
         labels: list[int] | None = None,
-        transpose: bool | None = None,
         sessions: list[InteractionSession | None] | None = None,
         on_slice: Callable[[int], None] | None = None,
+        *,
+        transpose: bool | None = None,
     ) -> tuple[np.ndarray, list[list[SliceResult]]]:
         """Segment several objects of ``volume`` (``[A, B, K]`` or ``[3, A, B, K]``) into one label map.
 
