@@ -5,6 +5,7 @@ from .checks import check_files
 from .convert import Case, ConversionReport, case_name, convert_to_sa_med2d
 from .datasets import CACHE_CHOICES, cached_dataset
 from .encoded import EncodedViews, task_dataset
+from .resumable import ResumableSampler, SeededDraws
 from .sa_med2d import (
     ALL_IMAGES_JSON,
     IMAGES_DIR,
@@ -39,6 +40,8 @@ __all__ = [
     "cached_dataset",
     "EncodedViews",
     "task_dataset",
+    "ResumableSampler",
+    "SeededDraws",
     "check_files",
     "load_volume_datalist",
     "volume_slice_datalist",

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -17,6 +18,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from bundle.data.resumable import ResumableSampler
 from bundle.networks.interface import PromptableNetwork, unwrap
 
 from .interactive import InteractiveLoss
@@ -106,8 +108,11 @@ class SAMUNetTrainer(SupervisedTrainer):
         interactive_iterations: corrective steps after the initial prompt (8 in SAM-Med2D, 0 = reference SAM-UNet).
         box_jitter: maximum corner shift in pixels (the reference: min(5, half the box's short side)).
         max_masks_per_image: random subset of non-empty masks per image (None: all).
-        prompt_seed: seed of the prompt samplers (offset by the rank); None draws one from torch's global generator
-            (so ``monai.utils.set_determinism`` makes runs repeatable).
+        prompt_seed: seed of the prompt samplers, which are reseeded from (seed, rank, iteration) at every iteration;
+            None draws one from torch's global generator (so ``monai.utils.set_determinism`` makes runs repeatable).
+            The seed is part of the trainer's ``state_dict``, as is a :class:`~bundle.data.ResumableSampler`'s, and
+            such a sampler is moved to the run's place in its data when the run starts: a resumed run draws the
+            prompts and sees the batches the uninterrupted run did.
         image_key, label_key: batch keys; ``label`` is ``[B, M, S, S]`` instance masks in the network frame.
         valid_size_key: batch key with each image's original (height, width) (`ToNetworkFramed` stores
             ``original_hw``); corrective clicks stay off the bottom/right padding. Missing key: the whole frame.
@@ -187,9 +192,13 @@ class SAMUNetTrainer(SupervisedTrainer):
         self.image_key, self.label_key, self.valid_size_key = image_key, label_key, valid_size_key
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank = dist.get_rank() if self.distributed else 0
-        seed = int(torch.randint(0, 2**31 - 1, ())) if prompt_seed is None else int(prompt_seed)
-        self.rng = np.random.RandomState(seed + rank)
-        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.rank = rank
+        self.prompt_seed = int(torch.randint(0, 2**31 - 1, ())) if prompt_seed is None else int(prompt_seed)
+        self.rng = np.random.RandomState(self.prompt_seed + rank)
+        self.generator = torch.Generator().manual_seed(self.prompt_seed + rank)
+        self._seek_data = False
+        self.add_event_handler(Events.STARTED, self._plan_data_seek)
+        self.add_event_handler(Events.EPOCH_STARTED, self._seek_sampler)
         if self.channels_last:
             unwrap(network).to(memory_format=torch.channels_last)
         step = InteractiveLoss(unwrap(network), loss_function, checkpoint_activations, stepwise_backward, decoder_batch)
@@ -204,6 +213,43 @@ class SAMUNetTrainer(SupervisedTrainer):
         self.step_module = step
         self.memory = _CudaMemory(torch.device(device)) if torch.device(device).type == "cuda" else None
         self.empty_masks_skipped = 0
+
+    # ------------------------------------------------------------------------------------------------------ resuming
+    def _sampler(self) -> ResumableSampler | None:
+        sampler = getattr(self.data_loader, "sampler", None)
+        return sampler if isinstance(sampler, ResumableSampler) else None
+
+    def state_dict(self) -> OrderedDict:
+        """ignite's state (iteration, epoch length, max epochs) with the prompt and data seeds."""
+        state = super().state_dict()
+        state["prompt_seed"] = self.prompt_seed
+        if (sampler := self._sampler()) is not None:
+            state["data_seed"] = sampler.seed
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """ignite's ``load_state_dict``; restores the seeds when the checkpoint has them (older ones do not)."""
+        state_dict = dict(state_dict)
+        prompt_seed, data_seed = state_dict.pop("prompt_seed", None), state_dict.pop("data_seed", None)
+        super().load_state_dict(state_dict)
+        if prompt_seed is not None:
+            self.prompt_seed = int(prompt_seed)
+        if data_seed is not None and (sampler := self._sampler()) is not None:
+            sampler.seed = int(data_seed)
+
+    def _plan_data_seek(self, _engine=None) -> None:
+        self._seek_data = True
+
+    def _seek_sampler(self, _engine=None) -> None:
+        """At a run's first epoch start (after the checkpoint loader's STARTED): the sampler to the run's place."""
+        if self._seek_data and (sampler := self._sampler()) is not None:
+            sampler.seek(self.state.iteration, self.data_loader.batch_size, self.data_loader.drop_last)
+        self._seek_data = False
+
+    def _reseed_prompts(self, iteration: int) -> None:
+        seeds = np.random.SeedSequence([self.prompt_seed, self.rank, iteration]).generate_state(2)
+        self.rng.seed(int(seeds[0]))
+        self.generator.manual_seed(int(seeds[1]))
 
     # ---------------------------------------------------------------------------------------------------- iteration
     def _choose_masks(self, masks: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
@@ -233,6 +279,7 @@ class SAMUNetTrainer(SupervisedTrainer):
     def _iteration(self, engine: SAMUNetTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        self._reseed_prompts(engine.state.iteration)
         image, masks, image_index, valid = flatten_masks(
             batchdata, self.image_key, self.label_key, engine.state.device, engine.non_blocking, self.valid_size_key
         )
