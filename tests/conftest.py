@@ -1,11 +1,19 @@
 """Shared pytest fixtures."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest -n N: the cores shared out between the workers (and the subprocesses they start, which inherit it);
+    # N workers each running torch on every core would fight for them
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
 
 
 @pytest.fixture(scope="session")

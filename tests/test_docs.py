@@ -205,8 +205,8 @@ def _setup_is_up_to_date(root: Path, text: str) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == f"{digest.hexdigest()[:16]} {extras}"
 
 
-class _ArgumentsAccepted(Exception):
-    pass
+class _ArgumentsAccepted(BaseException):
+    """Raised once a script's arguments parsed; a BaseException, so a script's catch-all error report lets it by."""
 
 
 def _check_script_arguments(root: Path, argv: list[str], monkeypatch, capsys) -> None:

@@ -89,7 +89,7 @@ def trained(tmp_path_factory, test_data_dir) -> Path:
     assert "tiny_vit + resnet34 branch, fusion, sam tokens" in done.stdout + done.stderr
     checkpoint = models / "model.pt"
     saved = torch.load(checkpoint, weights_only=True, map_location="cpu")
-    assert set(saved) == {"model", "network"}
+    assert set(saved) == {"model", "network", "checkpointer"}  # checkpointer: its best-metric record, for resumes
     assert saved["network"]["architecture"] == {
         "backbone": "tiny_vit",
         "image_size": 256,

@@ -3,12 +3,11 @@
 MONAI Label 0.8.5's endpoints ``json.loads`` the ``params`` / ``info`` form fields and use the result as a dict
 (a JSON list there is a 500), read request bodies of any size, and hand an infer-with-upload to the app only as a
 temporary file path that a client could also name. MONAI Label has no hook for request validation, so
-:func:`install` wraps the module-level endpoint functions its routes call (they are looked up at call time) and sets
-FastAPI's own request-body limit:
+:func:`install` wraps the module-level endpoint functions its routes call (they are looked up at call time) and adds
+a request-body limit:
 
 - ``params`` / ``info`` must be JSON objects (400);
-- request bodies above ``max_upload_bytes`` are refused with 413 before they are read (Starlette's
-  ``RequestBodyLimitMiddleware`` through ``FastAPI.max_body_size``);
+- request bodies above ``max_upload_bytes`` are refused with 413 before they are read (:class:`BodyLimit`);
 - session ids must be single names (400);
 - the file of an infer-with-upload (and its ``label`` upload) is stored in the app's private upload folder and
   registered in :class:`UploadRegistry` for the duration of the request: the app reads an image path only when it is
@@ -29,6 +28,7 @@ import uuid
 from collections.abc import Iterator
 
 from fastapi import HTTPException
+from starlette.middleware import Middleware
 
 from .datastore import check_name, name_problem
 
@@ -172,27 +172,45 @@ def install(fastapi_app, uploads: UploadRegistry, sessions=None) -> None:
     infer = importlib.import_module("monailabel.endpoints.infer")
     if not getattr(infer.run_inference, "__sam_unet_guard__", False):
         infer.run_inference = _checked_inference(infer.run_inference, uploads, sessions)
-    if uploads.max_bytes is not None:
-        fastapi_app.max_body_size = int(uploads.max_bytes)
-        _install_body_limit_message(fastapi_app, uploads.max_bytes)
+    if uploads.max_bytes is not None and not any(m.cls is BodyLimit for m in fastapi_app.user_middleware):
+        fastapi_app.user_middleware.insert(0, Middleware(BodyLimit, max_bytes=int(uploads.max_bytes)))
     fastapi_app.middleware_stack = None  # rebuilt with the limit on the next request
 
 
-def _install_body_limit_message(fastapi_app, max_bytes: int) -> None:
-    """Starlette answers an oversized body ``413 Content Too Large``; say what the limit is and how to raise it."""
-    from fastapi.exception_handlers import http_exception_handler
-    from fastapi.responses import JSONResponse
-    from starlette.middleware import body_limit
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets a JSON 413 that names the limit and the option.
 
-    too_large = getattr(body_limit, "_RequestBodyTooLarge", ())
+    Starlette's own ``max_body_size`` answers a plain ``Content Too Large`` and replaces whatever response the app
+    gives to a request whose Content-Length is over the limit, so its answer cannot say how to raise the limit. A
+    declared length over the limit is answered before anything is read; a chunked body is counted as it arrives
+    (the endpoint's read raises an HTTPException, answered by FastAPI's handler).
+    """
 
-    async def body_too_large(request, error):
-        if isinstance(error, too_large):
-            detail = (
-                f"request body larger than the server's limit of {max_bytes / 2**20:.0f} MiB "
-                "(MONAI Label app option --conf max_upload_mb)"
-            )
-            return JSONResponse(status_code=413, content={"detail": detail})
-        return await http_exception_handler(request, error)
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, int(max_bytes)
+        self.detail = (
+            f"request body larger than the server's limit of {self.max_bytes / 2**20:.0f} MiB "
+            "(MONAI Label app option --conf max_upload_mb)"
+        )
 
-    fastapi_app.add_exception_handler(413, body_too_large)
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+        from starlette.responses import JSONResponse
+
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
+        total = 0
+
+        async def counted():
+            nonlocal total
+            message = await receive()
+            total += len(message.get("body", b""))
+            if total > self.max_bytes:
+                raise StarletteHTTPException(status_code=413, detail=self.detail)
+            return message
+
+        return await self.app(scope, counted, send)
