@@ -75,3 +75,25 @@ def _write_dicom_series(volume: np.ndarray, spacing, origin, folder: Path, modal
 def write_dicom_series():
     """``write(volume_xyz, spacing_xyz, origin_lps, folder, modality)``: a DICOM series from an array (pydicom)."""
     return _write_dicom_series
+
+
+#: the test files that take longest on 2 cores (pytest --durations), longest first. They are collected first, so
+#: that `pytest -n2 --dist=loadfile` hands them out before the many short files and its two workers end together.
+LONGEST_FILES = (
+    "test_docs.py",
+    "test_label.py",
+    "test_model_contract.py",
+    "test_export.py",
+    "test_fl_simulator.py",
+    "test_objects_real.py",
+    "test_gpu_check.py",
+    "test_label_security.py",
+    "test_train_faults.py",
+    "test_evaluate_interactive.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest files first (see :data:`LONGEST_FILES`); every other test keeps its place in collection order."""
+    rank = {name: n for n, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
