@@ -793,7 +793,8 @@ class _LabelCanvas:
     def __init__(
         self, shape: tuple[int, ...], max_label: int, several: bool, on_paint: Callable[[int], None] | None = None
     ) -> None:
-        self.labels = np.zeros(shape, dtype=np.uint8 if max_label <= 255 else np.uint16)
+        # column-major: each slice [..., k] is contiguous, and the [Z, Y, X] view ITK writes is a C array (no copy)
+        self.labels = np.zeros(shape, dtype=np.uint8 if max_label <= 255 else np.uint16, order="F")
         self.several = several
         self.on_paint = on_paint  # called with each decoded slice's index
         self.best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slice -> (winning logit, winning object index)
