@@ -86,6 +86,7 @@ LONGEST_FILES = (
     "test_export.py",
     "test_fl_simulator.py",
     "test_objects_real.py",
+    "test_train_memory.py",
     "test_gpu_check.py",
     "test_label_security.py",
     "test_train_faults.py",

@@ -104,6 +104,9 @@ def test_vit_b_override_switches_inference_and_training_to_the_papers_network(tm
         }
         assert parser.get_parsed_content("pixel_normalization") == "sam"
         assert parser.get_parsed_content("weights") == f"{tmp_path}/models/sam_unet_vit_b.pt"
+        if base == "train.json":  # ViT-B's measured memory defaults (docs/benchmarks.md, Training memory)
+            assert parser["checkpoint_activations"] is False and parser["decoder_batch"] is None
+            assert parser["train#trainer#checkpoint_activations"] == "@checkpoint_activations"
         with pytest.raises(RuntimeError) as error:  # a weight file the user has not supplied yet
             parser.get_parsed_content("network_def")
         assert "sam_unet_vit_b.pt" in str(error.value.__cause__)  # MONAI wraps the loader's error

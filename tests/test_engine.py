@@ -78,6 +78,18 @@ def test_clicks_stay_out_of_padding():
     assert (labels == 0).all() and (points[..., 0] < 40).all()
 
 
+def test_corrective_clicks_from_given_uniforms_cover_the_error_region_in_order():
+    gt = disc(60, 60, 10)[None, None].repeat(3, 1, 1, 1)
+    pred = torch.zeros_like(gt) > 0  # the error region is the disc: a missed object
+    error = torch.nonzero(gt[0, 0].flatten()).flatten()
+    points, labels = corrective_clicks(pred, gt, uniform=torch.tensor([0.0, 0.5, 0.999999]))
+    flat = (points[:, 0, 1] * SIZE + points[:, 0, 0]).long()
+    assert flat.tolist() == [int(error[0]), int(error[len(error) // 2]), int(error[-1])]  # inverse CDF, raster order
+    assert (labels == 1).all()
+    points, labels = corrective_clicks(gt > 0, gt, uniform=torch.tensor([0.3, 0.3, 0.3]))  # no error: padding
+    assert (labels == -1).all() and (points == 0).all()
+
+
 def test_initial_prompts_use_the_data_pipeline_samplers():
     import numpy as np
 
@@ -140,7 +152,7 @@ def test_trainer_step_updates_trainable_weights_only(net):
 def test_trainer_encodes_once_per_batch(net, monkeypatch):
     calls = []
     original = net.encode
-    monkeypatch.setattr(net, "encode", lambda image: calls.append(image.shape[0]) or original(image))
+    monkeypatch.setattr(net, "encode", lambda image, **kw: calls.append(image.shape[0]) or original(image, **kw))
     trainer = _trainer(net, [batch()], interactive_iterations=3)
     trainer.run()
     assert calls == [2]

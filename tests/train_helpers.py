@@ -25,6 +25,28 @@ SMALL_ARCH = {
 SMALL_NET = {**SMALL_ARCH, "image_size": 128}
 
 
+def convert_crops(base: Path) -> Path:
+    """Convert the committed CT and MR crops of tests/data (one case each to train and validation, axial and
+    coronal slices) with the bundle's converter, once per test session (cached on disk)."""
+    out = base / "sa_med2d_crops"
+    if (out / "SAMed2D_v1.json").is_file():
+        return out
+    from bundle.data.convert import Case, convert_to_sa_med2d
+
+    data = REPO_ROOT / "tests" / "data"
+    cases = [
+        Case(
+            image=str(data / f"{name}_crop_image.nrrd"),
+            label=str(data / f"{name}_crop_label.nrrd"),
+            case=name,
+            modality=modality,
+        )
+        for name, modality in (("lung1", "ct"), ("breast1", "mr"))
+    ]
+    convert_to_sa_med2d(cases, out, "Crops", axes=("z", "y"), fractions=(0.5, 0.5, 0.0), window="lung", progress=False)
+    return out
+
+
 def slice_index(image_key: str) -> int:
     """Slice number of an SA-Med2D image name ``...--x_0040.png``."""
     return int(Path(image_key).stem.rsplit("_", 1)[-1])

@@ -2,9 +2,9 @@
 
 from .evaluator import DEFAULT_MODES, PromptModeMetric, SAMUNetEvaluator, parse_mode
 from .handlers import AtomicCheckpointSaver, ProgressBar, PromptEvaluationReport, summarise, validation_available
-from .interactive import InteractiveDecoding
+from .interactive import InteractiveDecoding, InteractiveLoss
 from .prompts import corrective_clicks, initial_prompts, valid_region
-from .trainer import SAMUNetTrainer, flatten_masks
+from .trainer import SAMUNetTrainer, TrainingOutOfMemoryError, flatten_masks
 
 __all__ = [
     "DEFAULT_MODES",
@@ -17,9 +17,11 @@ __all__ = [
     "summarise",
     "validation_available",
     "InteractiveDecoding",
+    "InteractiveLoss",
     "corrective_clicks",
     "initial_prompts",
     "valid_region",
     "SAMUNetTrainer",
+    "TrainingOutOfMemoryError",
     "flatten_masks",
 ]

@@ -79,11 +79,15 @@ def corrective_clicks(
     masks: torch.Tensor,
     generator: torch.Generator | None = None,
     valid: torch.Tensor | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One corrective click per mask, uniform over the error region ``pred != mask`` (inside ``valid``).
 
     The label is the ground truth at the click (1: missed foreground, 0: false positive); no error gives a
     padding point ``(0, 0)`` with label -1. Returns points ``[N, 1, 2]`` (x, y, float) and labels ``[N, 1]``.
+    ``uniform`` (``[N]`` numbers in [0, 1), one per mask) picks the click by inverse CDF instead of drawing from
+    ``generator``, so a mask's click does not depend on which other masks share the call (training splits a batch
+    into micro-batches).
     """
     gt, pr = _flat(masks), _flat(pred)
     error = gt != pr
@@ -93,7 +97,12 @@ def corrective_clicks(
     weights = error.flatten(1).float()
     found = weights.sum(dim=1) > 0
     weights[~found] = 1.0
-    draws = torch.multinomial(weights.cpu(), 1, generator=generator).to(error.device)[:, 0]
+    if uniform is None:
+        draws = torch.multinomial(weights.cpu(), 1, generator=generator).to(error.device)[:, 0]
+    else:
+        cdf = weights.cumsum(dim=1)  # exact: integer counts below 2**24
+        target = uniform.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+        draws = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
     xy = torch.stack([draws % width, draws // width], dim=-1).float()
     labels = gt.flatten(1).gather(1, draws[:, None]).long()[:, 0]
     labels = torch.where(found, labels, torch.full_like(labels, -1))

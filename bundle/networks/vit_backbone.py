@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT
 
+from .recompute import recomputed
+
 VIT_CONFIGS = {
     # name -> embed_dim, depth, num_heads, global attention blocks
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),
@@ -52,9 +54,13 @@ class ViTBackbone(ImageEncoderViT):
         self.bridge_shapes = [grid] * (len(self.global_blocks) - 1)
 
     def forward_features(
-        self, image: torch.Tensor, injections: list[torch.Tensor] | None = None
+        self, image: torch.Tensor, injections: list[torch.Tensor] | None = None, checkpoint_activations: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Return ``(embedding [B, 256, g, g], token grids [B, C, g, g] after global blocks but the last)``."""
+        """Return ``(embedding [B, 256, g, g], token grids [B, C, g, g] after global blocks but the last)``.
+
+        ``checkpoint_activations``: recompute every block after the first injection (and the neck) in the backward
+        pass instead of keeping its activations (:func:`bundle.networks.recompute.recomputed`).
+        """
         x = self.patch_embed(image)
         if self.pos_embed is not None:
             x = x + self.pos_embed
@@ -64,10 +70,10 @@ class ViTBackbone(ImageEncoderViT):
             if index in self.global_blocks:
                 if injections is not None:
                     x = x + injections[stage].permute(0, 2, 3, 1)
-                x = block(x)
+                x = recomputed(block, x, checkpoint_activations)
                 if stage < len(self.global_blocks) - 1:
                     intermediates.append(x.permute(0, 3, 1, 2))
                 stage += 1
             else:
-                x = block(x)
-        return self.neck(x.permute(0, 3, 1, 2)), intermediates
+                x = recomputed(block, x, checkpoint_activations)
+        return recomputed(self.neck, x.permute(0, 3, 1, 2), checkpoint_activations), intermediates
