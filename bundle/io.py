@@ -235,9 +235,10 @@ class ReferenceGeometry:
         self.spacing = [float(v) for v in info.GetSpacing()]
         self.direction = np.array(itk.array_from_matrix(info.GetDirection()), dtype=np.float64)
 
-    def write(self, mask: np.ndarray, path: str | os.PathLike) -> Path:
+    def write(self, mask: np.ndarray, path: str | os.PathLike, compress: bool = False) -> Path:
         """Write ``mask [X, Y, Z]`` (bool, or a uint8 / uint16 label map, see :func:`mask_data`) to ``path``
-        atomically."""
+        atomically. ``compress``: zlib inside an NRRD / MHA file (a label volume shrinks some 1000x, which is most of
+        an interactive answer's transfer time); NIfTI's compression follows its suffix (``.nii.gz``)."""
         import itk
 
         if tuple(mask.shape) != self.size:
@@ -248,7 +249,7 @@ class ReferenceGeometry:
         image.SetDirection(itk.matrix_from_array(self.direction))
         path = Path(path)
         with atomic_write(path) as tmp:
-            itk.imwrite(image, str(tmp), compression=path.name.lower().endswith(".gz"))
+            itk.imwrite(image, str(tmp), compression=compress or path.name.lower().endswith(".gz"))
         return path
 
 
@@ -308,7 +309,7 @@ def atomic_writer(output_ext: str) -> type:
     )
 
 
-def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool = False) -> Path:
+def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool = False, compress: bool = False) -> Path:
     """Write ``mask`` (the spatial shape of ``image``) with ``image``'s geometry to ``path`` atomically.
 
     ``mask`` is a bool mask (written 0/1 uint8) or an integer label map (uint8, or uint16 when its dtype is wider
@@ -316,11 +317,11 @@ def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool =
     nibabel / ITK writers copy its affine) or a :class:`ReferenceGeometry` of its file (the fast ITK path). A 2D mask
     is ``[x, y]`` like its image; PNG masks are written upright: a bool mask 0/255 (visible), a label map its label
     values (8 or 16 bit). ``display``: a 2D display image written as NIfTI (its ``[x, y]`` pixel grid, identity
-    affine).
+    affine). ``compress``: zlib inside NRRD / MHA files (NIfTI's follows its suffix, PNG is always compressed).
     """
     path = Path(path)
     if isinstance(image, ReferenceGeometry):
-        return image.write(mask, path)
+        return image.write(mask, path, compress=compress)
     from monai.data import ITKWriter, NibabelWriter
 
     suffix = image_suffix(path.name) or path.suffix
@@ -347,5 +348,5 @@ def write_mask(mask: np.ndarray, image, path: str | os.PathLike, display: bool =
             if keep:
                 writer.data_obj = writer.data_obj[..., 0]  # drop the channel axis moved to the end
             writer.set_metadata(dict(image.meta), resample=False)
-            writer.write(str(tmp), verbose=False)
+            writer.write(str(tmp), verbose=False, **({} if suffix in NIFTI_SUFFIXES else {"compression": compress}))
     return path

@@ -172,6 +172,9 @@ def test_embedding_reused_for_extra_clicks(sphere):
     np.testing.assert_array_equal(mask, truth[..., 10])
     inferer.segment_slice(volume, 3, SlicePrompt(points=[(30, 60)], labels=[1]), image_id="case", axis=2)
     assert net.encoded_images == encoded + 1
+    # the cache holds plain tensors: MetaTensor metadata would be carried through every later decode
+    cached = [inferer.cache.get(("case", 2, k)) for k in (3, 10)]
+    assert all(type(t) is torch.Tensor for entry in cached for t in entry.values())
 
 
 def test_seeds_on_two_slices_fill_the_gap(sphere):

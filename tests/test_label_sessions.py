@@ -89,3 +89,25 @@ def test_task_sessions_stay_within_their_memory_cap(tmp_path):
         _, result = task({**request, "modality": "ct"})
         assert task.sessions.nbytes <= cap and result["sessions"]["mib"] <= cap / 2**20
         assert result["sessions"]["objects"] == min(n + 1, 2)  # the least recently used go
+
+
+def test_task_answers_are_compressed_unless_the_request_says_not(tmp_path):
+    import itk
+
+    scan = _scans(tmp_path)[0]
+    task = _task(tmp_path, ClickFollowingNet())
+    request = {"image": scan, "roi": [12, 28, 22, 38, 7, 9], "mode": "3d", "modality": "ct"}
+    answers = {}
+    for compress in (None, True, False, "false"):
+        ask = {**request, "result_extension": ".nrrd"} | ({} if compress is None else {"result_compress": compress})
+        out, result = task(ask)
+        with open(out, "rb") as f:
+            header = f.read(1000).split(b"\n\n")[0]
+        answers[compress] = (header, itk.array_from_image(itk.imread(out)))
+        assert result["voxels"] == int(answers[compress][1].sum()) > 0
+    assert b"encoding: gzip" in answers[None][0] and b"encoding: gzip" in answers[True][0]  # the default
+    assert b"encoding: raw" in answers[False][0] and b"encoding: raw" in answers["false"][0]
+    for header, array in answers.values():
+        np.testing.assert_array_equal(array, answers[None][1])
+    with pytest.raises(ValueError, match="result_compress must be true or false"):
+        task({**request, "result_compress": "sometimes"})

@@ -70,7 +70,7 @@ def scale_pixels(images: torch.Tensor, name: str) -> torch.Tensor:
 
     images = _three_channels(images)
     scale = SAMPixelNormalize() if check_pixel_normalization(name) == "sam" else LiteMedSAMScale()
-    return torch.stack([torch.as_tensor(scale(image)) for image in images]).float()
+    return _plain(torch.stack([scale(image) for image in images]).float())
 
 
 def _three_channels(images: torch.Tensor) -> torch.Tensor:
@@ -82,13 +82,21 @@ def _three_channels(images: torch.Tensor) -> torch.Tensor:
     return images.contiguous()
 
 
+def _plain(tensor) -> torch.Tensor:
+    """A plain tensor: MONAI's transforms return MetaTensors, whose per-operation metadata handling would follow the
+    network input into the encoder, the embedding cache and every later decode (several ms per click)."""
+    from monai.utils import convert_to_tensor
+
+    return convert_to_tensor(tensor, track_meta=False)
+
+
 def _frame(images: torch.Tensor, size: int) -> torch.Tensor:
     """``[N, C, H, W]`` -> ``[N, C, size, size]`` (every image of one grid resized and padded in one call)."""
     from bundle.transforms import ToNetworkFrame
 
     n, c = images.shape[:2]
     framed = ToNetworkFrame(size)(images.reshape(n * c, *images.shape[2:]))
-    return torch.as_tensor(framed).reshape(n, c, size, size)
+    return _plain(framed).reshape(n, c, size, size)
 
 
 def preprocess(images: torch.Tensor, name: str, size: int) -> torch.Tensor:
@@ -100,7 +108,7 @@ def preprocess(images: torch.Tensor, name: str, size: int) -> torch.Tensor:
     original_hw = tuple(images.shape[-2:])
     if name == "sam":
         normalize = SAMPixelNormalize()
-        return _frame(torch.stack([torch.as_tensor(normalize(image)) for image in images]), size).float()
+        return _frame(torch.stack([normalize(image) for image in images]), size).float()
     scale = LiteMedSAMScale(size)
     framed = _frame(images, size)
-    return torch.stack([torch.as_tensor(scale(image, original_hw=original_hw)) for image in framed]).float()
+    return _plain(torch.stack([scale(image, original_hw=original_hw) for image in framed]).float())
