@@ -15,10 +15,12 @@ from torchvision.ops import sigmoid_focal_loss
 from bundle.data import cached_dataset, check_files
 from bundle.engines import (
     AtomicCheckpointSaver,
+    InteractiveLoss,
     PromptModeMetric,
     SAMUNetEvaluator,
     SAMUNetTrainer,
     corrective_clicks,
+    deepest_clicks,
     initial_prompts,
     parse_mode,
     summarise,
@@ -88,6 +90,30 @@ def test_corrective_clicks_from_given_uniforms_cover_the_error_region_in_order()
     assert (labels == 1).all()
     points, labels = corrective_clicks(gt > 0, gt, uniform=torch.tensor([0.3, 0.3, 0.3]))  # no error: padding
     assert (labels == -1).all() and (points == 0).all()
+
+
+def test_deepest_clicks_are_the_protocol_clicks_and_mix_with_uniform_ones(net):
+    from bundle.engines.interactive import _add_click
+
+    gt = torch.stack([disc(60, 60, 10), disc(60, 60, 10), disc(60, 60, 10)])[:, None]
+    # a missed disc; a false-positive disc at (100, 30) beside a right mask; nothing wrong
+    pred = torch.stack([torch.zeros(SIZE, SIZE), disc(60, 60, 10) + disc(100, 30, 8), disc(60, 60, 10)])[:, None] > 0
+    points, labels = deepest_clicks(pred, gt)
+    assert points[:2, 0].tolist() == [[60.0, 60.0], [100.0, 30.0]] and labels[:, 0].tolist() == [1, 0, -1]
+    valid = torch.ones(3, SIZE, SIZE, dtype=torch.bool)
+    valid[:, :, 90:] = False  # the false positive lies in the padding: not an error
+    assert deepest_clicks(pred, gt, valid)[1][:, 0].tolist() == [1, -1, -1]
+
+    # in the training loop: numbers below deepest_share get the protocol's click, the others a uniform error pixel
+    low = torch.nn.functional.interpolate(torch.where(pred, 20.0, -20.0), size=net.mask_input_size, mode="area")
+    index = torch.arange(3)
+    uniform = torch.tensor([0.1, 0.9, 0.2])
+    xy, lab = _add_click(net, low, gt, index, None, None, None, uniform=uniform, deepest_share=0.5)
+    assert xy[0, 0].tolist() == [60.0, 60.0] and lab[:2, 0].tolist() == [1, 0]
+    x, y = xy[1, 0].long().tolist()
+    assert pred[1, 0, y, x] and not gt[1, 0, y, x]  # uniform (0.9 -> 0.8) over the false positive
+    with pytest.raises(ValueError, match="deepest_share"):
+        InteractiveLoss(net, lambda a, b: a.mean(), deepest_share=1.0)
 
 
 def test_initial_prompts_use_the_data_pipeline_samplers():

@@ -3,7 +3,7 @@
 from .evaluator import DEFAULT_MODES, PromptModeMetric, SAMUNetEvaluator, parse_mode
 from .handlers import AtomicCheckpointSaver, ProgressBar, PromptEvaluationReport, summarise, validation_available
 from .interactive import InteractiveDecoding, InteractiveLoss
-from .prompts import corrective_clicks, initial_prompts, valid_region
+from .prompts import corrective_clicks, deepest_clicks, initial_prompts, valid_region
 from .trainer import SAMUNetTrainer, TrainingOutOfMemoryError, flatten_masks
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "InteractiveDecoding",
     "InteractiveLoss",
     "corrective_clicks",
+    "deepest_clicks",
     "initial_prompts",
     "valid_region",
     "SAMUNetTrainer",

@@ -14,17 +14,31 @@ import torch.nn as nn
 
 from bundle.networks.interface import PromptableNetwork
 
-from .prompts import corrective_clicks
+from .prompts import corrective_clicks, deepest_clicks
 
 __all__ = ["InteractiveDecoding", "InteractiveLoss"]
 
 
-def _add_click(net, low, masks, image_index, points, point_labels, valid, generator=None, uniform=None):
-    """Append one corrective click per mask (from the error region of ``low``) to ``points`` / ``point_labels``."""
+def _add_click(
+    net, low, masks, image_index, points, point_labels, valid, generator=None, uniform=None, deepest_share=0.0
+):
+    """Append one corrective click per mask (from the error region of ``low``) to ``points`` / ``point_labels``.
+
+    With ``uniform`` and ``deepest_share`` > 0, the masks whose number lies below ``deepest_share`` get the
+    interactive protocol's click (:func:`deepest_clicks`), the others a uniform error pixel drawn with the rest of
+    their number (rescaled to [0, 1))."""
     with torch.no_grad():
         pred = net.upsample_logits(low.detach().float()) > 0
         region = None if valid is None else valid[image_index]
+        deepest = None
+        if uniform is not None and deepest_share > 0:
+            deepest = uniform < deepest_share
+            uniform = ((uniform - deepest_share) / (1.0 - deepest_share)).clamp(0.0, 1.0 - 1e-7)
         click, click_label = corrective_clicks(pred, masks, generator=generator, valid=region, uniform=uniform)
+        if deepest is not None and deepest.any():
+            rows = deepest.nonzero()[:, 0].to(pred.device)
+            xy, labels = deepest_clicks(pred[rows], masks[rows], None if region is None else region[rows])
+            click[rows], click_label[rows] = xy, labels
     points = click if points is None else torch.cat([points, click], dim=1)
     point_labels = click_label if point_labels is None else torch.cat([point_labels, click_label], dim=1)
     return points, point_labels
@@ -123,8 +137,12 @@ class InteractiveLoss(nn.Module):
             predictions, so this only needs ``loss_function`` to be a mean over masks (DiceFocalLoss with
             ``batch=False``, the default, is).
 
+    ``deepest_share``: the share of corrective clicks placed as the interactive protocol places them (the point
+    deepest inside the largest error region) instead of SAM-Med2D's uniform error pixel (0: SAM-Med2D's recipe).
+
     ``grad_scale``: the fp16 GradScaler's current scale, applied inside the step-wise backward passes (they run
-    before the caller's scaled backward) so small decoder gradients do not underflow in fp16.
+    before the caller's scaled backward) so small decoder gradients do not underflow in fp16. ``features`` (from
+    ``network.encode``, e.g. cached for a frozen encoder) skip the encoder; ``image`` is then unused.
     """
 
     def __init__(
@@ -134,10 +152,14 @@ class InteractiveLoss(nn.Module):
         checkpoint_activations: bool = False,
         stepwise_backward: bool = False,
         decoder_batch: int | None = None,
+        deepest_share: float = 0.0,
     ) -> None:
         super().__init__()
         if decoder_batch is not None and decoder_batch < 1:
             raise ValueError(f"decoder_batch must be None or >= 1, got {decoder_batch}")
+        if not 0.0 <= deepest_share < 1.0:
+            raise ValueError(f"deepest_share must lie in [0, 1), got {deepest_share}")
+        self.deepest_share = float(deepest_share)
         self.network = network
         self.loss_function = loss_function
         self.checkpoint_activations = bool(checkpoint_activations)
@@ -155,10 +177,12 @@ class InteractiveLoss(nn.Module):
         point_labels: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
         grad_scale: float = 1.0,
+        features: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # only SAMUNet takes the switch; other runtimes of the protocol encode as they do
-        encode_kwargs = {"checkpoint_activations": True} if self.checkpoint_activations else {}
-        features = self.network.encode(image, **encode_kwargs)
+        if features is None:
+            # only SAMUNet takes the switch; other runtimes of the protocol encode as they do
+            encode_kwargs = {"checkpoint_activations": True} if self.checkpoint_activations else {}
+            features = self.network.encode(image, **encode_kwargs)
         if not (self.stepwise_backward and torch.is_grad_enabled()):
             losses, logits = self._decode_steps(
                 features, masks, image_index, uniforms, boxes, points, point_labels, valid
@@ -212,7 +236,15 @@ class InteractiveLoss(nn.Module):
         for step in range(uniforms.shape[0] + 1):
             if step:
                 points, point_labels = _add_click(
-                    net, low, masks, image_index, points, point_labels, valid, uniform=uniforms[step - 1]
+                    net,
+                    low,
+                    masks,
+                    image_index,
+                    points,
+                    point_labels,
+                    valid,
+                    uniform=uniforms[step - 1],
+                    deepest_share=self.deepest_share,
                 )
             low = net.decode_low_res(
                 features,

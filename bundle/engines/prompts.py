@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bundle.transforms import box_from_mask, frame_shape, sample_points
+from bundle.transforms import box_from_mask, frame_shape, protocol_click, sample_points
 
-__all__ = ["initial_prompts", "corrective_clicks", "valid_region"]
+__all__ = ["initial_prompts", "corrective_clicks", "deepest_clicks", "valid_region"]
 
 
 def _flat(masks: torch.Tensor) -> torch.Tensor:
@@ -108,3 +108,23 @@ def corrective_clicks(
     labels = torch.where(found, labels, torch.full_like(labels, -1))
     xy[~found] = 0.0
     return xy[:, None], labels[:, None]
+
+
+def deepest_clicks(
+    pred: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interactive protocol's click per mask (:func:`bundle.transforms.protocol_click`: the point farthest inside
+    the largest connected error region, inside ``valid``), as :func:`corrective_clicks` returns clicks: points
+    ``[N, 1, 2]`` (x, y) and labels ``[N, 1]`` (1 on a miss, 0 on a false positive, -1 padding where nothing is wrong).
+    """
+    gt, pr = _flat(masks), _flat(pred)
+    if valid is not None:
+        pr = pr & valid  # a prediction in the padding is cropped away at inference: not an error to click on
+    xy = torch.zeros(gt.shape[0], 1, 2)
+    labels = torch.full((gt.shape[0], 1), -1, dtype=torch.long)
+    for i, (p, g) in enumerate(zip(pr.cpu().numpy(), gt.cpu().numpy())):
+        index, label = protocol_click(p, g)
+        if index is not None:
+            xy[i, 0] = torch.tensor([index[1], index[0]], dtype=torch.float32)  # (row, column) -> (x, y)
+            labels[i, 0] = label
+    return xy.to(pred.device), labels.to(pred.device)

@@ -8,7 +8,9 @@ A bundle checkpoint is ``{"model": state_dict, "network": contract}`` where the 
 
 An optional ``"trained_prompts"`` (e.g. ``["box", "points", "mask"]``) says what the weights were trained to follow
 (``"mask"``: the previous low-res logits fed back with each corrective click); the slice inferer's
-``mask_feedback="auto"`` reads it (:func:`bundle.networks.weights.trained_prompts`).
+``mask_feedback="auto"`` reads it (:func:`bundle.networks.weights.trained_prompts`). An optional ``"base_weights"``
+(a named checkpoint, ``"litemedsam"``) says the file holds part of the network only (a fine-tuned decoder), to be
+loaded on top of those weights (:class:`bundle.networks.SAMUNet`).
 
 Every saver writes it (the training checkpoint handlers, the MONAI Label train task, federated sites through the
 training config) and every loader builds the network from it (:class:`bundle.networks.SAMUNet` with ``weights``), so a

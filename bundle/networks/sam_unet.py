@@ -22,7 +22,7 @@ from .conv_branch import STAGE_STRIDES, ConvBranch
 from .decoder import MaskDecoder
 from .interface import PromptableNetworkMixin
 from .pixels import check_pixel_normalization, default_pixel_normalization
-from .weights import WeightsFile, load_state, read_weights, trained_prompts
+from .weights import NAMED_WEIGHTS, WeightsFile, load_state, read_weights, trained_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class SAMUNet(PromptableNetworkMixin, nn.Module):
         fusion: multi-scale fusion path in the decoder (bridge adapters + embedding encoder).
         decoder_tokens: ``"med"`` (SAM-UNet's med token) or ``"sam"`` (SAM's own output tokens).
         weights: a checkpoint file (any format of :mod:`bundle.networks.weights`: the bundle's own, official SAM,
-            LiteMedSAM, reference SAM-UNet, torchvision ResNet) or ``"litemedsam"``.
+            LiteMedSAM, reference SAM-UNet, torchvision ResNet) or ``"litemedsam"``. A bundle checkpoint whose
+            contract names ``base_weights`` (``"litemedsam"``) holds part of a network (``models/litemedsam_clicks.pt``:
+            the fine-tuned prompt encoder and mask decoder): the base weights are loaded first, then the file.
         pixel_normalization: ``"sam"`` or ``"litemedsam"`` (:mod:`bundle.networks.pixels`).
 
     Arguments left ``None`` come from the weights: a bundle checkpoint's model contract, or what a checkpoint's keys
@@ -158,6 +160,13 @@ class SAMUNet(PromptableNetworkMixin, nn.Module):
         if fusion_residual:
             self._zero_init_injection()
         if source is not None:
+            base = (source.contract or {}).get("base_weights")
+            if base is not None:  # a file holding part of a network (a fine-tuned decoder) on top of named weights
+                if not isinstance(base, str) or base.lower() not in NAMED_WEIGHTS:
+                    raise ValueError(
+                        f"{source.path}: unknown base_weights {base!r}; expected one of {sorted(NAMED_WEIGHTS)}"
+                    )
+                load_state(self, read_weights(base), log_level=logging.DEBUG)
             self.load_report = load_state(self, source, log_level=logging.DEBUG)
             origin = "its model contract" if source.contract is not None else f"{source.source_format} weights"
             logger.info(

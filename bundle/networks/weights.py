@@ -328,8 +328,11 @@ FORMAT_HINTS = {
 }
 
 
-def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source_format: str = "auto"):
-    """Map ``state`` onto ``model``'s keys. Returns ``(mapped_state, report)``; raises ``ValueError`` on a mismatch."""
+def convert_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source_format: str = "auto", partial: bool = False
+):
+    """Map ``state`` onto ``model``'s keys. Returns ``(mapped_state, report)``; raises ``ValueError`` on a mismatch.
+    A bundle checkpoint must hold every key unless ``partial`` (one loaded on top of its ``base_weights``)."""
     if source_format == "auto":
         source_format = detect_format(state)
     if source_format not in MAPPERS:
@@ -355,7 +358,7 @@ def convert_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], s
             f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:5]}{FORMAT_HINTS.get(source_format, '')}"
         )
     missing = sorted(k for k in target if k not in mapped)
-    if source_format == "bundle" and missing:
+    if source_format == "bundle" and missing and not partial:
         raise ValueError(f"checkpoint in bundle format lacks {len(missing)} keys of this SAMUNet, e.g. {missing[:8]}")
     report = LoadReport(source_format, loaded=sorted(mapped), missing=missing, dropped=sorted(dropped))
     return mapped, report
@@ -385,7 +388,10 @@ def load_state(
             )
     try:
         mapped, report = convert_state_dict(
-            model, weights.state, weights.source_format if source_format == "auto" else source_format
+            model,
+            weights.state,
+            weights.source_format if source_format == "auto" else source_format,
+            partial=(weights.contract or {}).get("base_weights") is not None,
         )
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
