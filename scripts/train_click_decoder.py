@@ -48,6 +48,9 @@ def encode_cases(inferer, cases, slices_per_volume: int, progress: bool = True) 
 
     from bundle.inferers import SliceFrame
     from bundle.inferers.volume import to_slices
+    from bundle.transforms import ToNetworkFrame
+
+    to_frame = ToNetworkFrame(inferer.image_size)
 
     samples = []
     for case in tqdm(cases, desc="encoding", unit="case", disable=not progress):
@@ -62,7 +65,7 @@ def encode_cases(inferer, cases, slices_per_volume: int, progress: bool = True) 
         valid[:height, :width] = True
         for k, feature in zip(present, features):
             image = frame.to_image(torch.as_tensor(truth[..., k])[None])
-            mask = torch.as_tensor(frame._to(image, mode="area")) > 0.5  # [1, S, S]
+            mask = torch.as_tensor(to_frame(image, mode="area")) > 0.5  # [1, S, S], as the slice's image is framed
             if mask.any():
                 samples.append({"features": feature, "mask": mask.float(), "valid": valid, "case": case.name})
     return samples
