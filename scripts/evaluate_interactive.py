@@ -4,7 +4,7 @@
         --chart eval/clicks_2d.png
     python scripts/evaluate_interactive.py --volumes ../shared/data --json eval/clicks_3d.json --chart eval/clicks_3d.png
     python scripts/evaluate_interactive.py --datalist ../shared/data2d/datalist.json --datasets busi_breast_us \\
-        --override weights=models/litemedsam_clicks.pt          # any configs/inference.json id
+        --override weights=eval/clicks.pt    # any configs/inference.json id (a scripts/train_click_decoder.py output)
 
 The inferer is ``inferer`` of ``configs/inference.json`` (``--config`` for another or an override file, ``--override
 id=value`` for its ids, values read as JSON), built with :func:`bundle.config.bundle_parser` exactly as the CLI and

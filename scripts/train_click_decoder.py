@@ -72,8 +72,12 @@ def encode_cases(inferer, cases, slices_per_volume: int, progress: bool = True) 
 
 
 def trainable_state(network) -> dict[str, torch.Tensor]:
-    """The fine-tuned tensors: prompt encoder and mask decoder."""
-    return {k: v.detach().clone() for k, v in network.state_dict().items() if k.startswith(TRAINED)}
+    """The fine-tuned tensors (prompt encoder and mask decoder), as saved: fp16 copies."""
+    return {
+        k: v.half() if v.is_floating_point() else v.clone()
+        for k, v in network.state_dict().items()
+        if k.startswith(TRAINED)
+    }
 
 
 def train(
@@ -141,7 +145,7 @@ def save(network, path: Path, argv: list[str], record: dict) -> None:
     from bundle.io import atomic_write, write_run_record
     from bundle.networks.contract import CONTRACT_KEY, make_contract
 
-    state = {k: v.half() if v.is_floating_point() else v for k, v in trainable_state(network).items()}
+    state = trainable_state(network)
     contract = make_contract(network, state)
     contract.update(base_weights="litemedsam", trained_prompts=["box", "points", "mask"])
     path.parent.mkdir(parents=True, exist_ok=True)

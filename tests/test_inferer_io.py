@@ -384,3 +384,20 @@ def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
     runner([{"image": str(src), "box": BOX}], out).run()
     assert not stale.exists() and all(p.exists() for p in others)
     assert sorted(p.name for p in out.iterdir()) == sorted(["case_seg.nii.gz"] + [p.name for p in others])
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_masks_are_written_compressed_when_asked_by_either_writer(tmp_path, test_data_dir, suffix):
+    from bundle.io import ReferenceGeometry, load_image, write_mask
+
+    source = test_data_dir / "lung1_crop_image.nrrd"
+    image = load_image(source)
+    mask = np.zeros(image.shape[1:], dtype=bool)
+    mask[30:60, 30:60, 2:5] = True
+    sizes = {}
+    for name, reference in (("itk", ReferenceGeometry(source)), ("monai", image)):
+        for compress in (False, True):
+            path = write_mask(mask, reference, tmp_path / f"{name}_{compress}{suffix}", compress=compress)
+            np.testing.assert_array_equal(np.asarray(load_image(path)[0]) > 0, mask)
+            sizes[name, compress] = path.stat().st_size
+        assert sizes[name, True] < sizes[name, False] / 10, sizes  # zlib inside the file

@@ -83,8 +83,8 @@ class SAMUNet(PromptableNetworkMixin, nn.Module):
         decoder_tokens: ``"med"`` (SAM-UNet's med token) or ``"sam"`` (SAM's own output tokens).
         weights: a checkpoint file (any format of :mod:`bundle.networks.weights`: the bundle's own, official SAM,
             LiteMedSAM, reference SAM-UNet, torchvision ResNet) or ``"litemedsam"``. A bundle checkpoint whose
-            contract names ``base_weights`` (``"litemedsam"``) holds part of a network (``models/litemedsam_clicks.pt``:
-            the fine-tuned prompt encoder and mask decoder): the base weights are loaded first, then the file.
+            contract names ``base_weights`` (``"litemedsam"``) holds part of a network (the prompt encoder and mask
+            decoder ``scripts/train_click_decoder.py`` writes): the base weights are loaded first, then the file.
         pixel_normalization: ``"sam"`` or ``"litemedsam"`` (:mod:`bundle.networks.pixels`).
 
     Arguments left ``None`` come from the weights: a bundle checkpoint's model contract, or what a checkpoint's keys
