@@ -27,7 +27,11 @@ Click = tuple[int, int, int]  # (a, b, label) in-plane voxel indices of the slic
 
 @dataclass
 class SliceState:
-    """The mask of one slice and the prompt that made it. ``mask`` is bit-packed (``np.packbits``)."""
+    """The mask of one slice and the prompt that made it. ``mask`` is bit-packed (``np.packbits``).
+
+    ``box`` is the request's box; ``decode_box`` the box its clicks were decoded with when that differs (a box the
+    inferer chose for a slice prompted by clicks alone, :mod:`bundle.inferers.box_scan`).
+    """
 
     box: tuple[int, int, int, int] | None
     clicks: tuple[Click, ...]
@@ -35,11 +39,15 @@ class SliceState:
     shape: tuple[int, int]
     low_res: torch.Tensor | None  # [1, m, m] float16 logits of the slice's last decode
     score: float | None = None
+    decode_box: tuple[int, int, int, int] | None = None
 
     @classmethod
-    def create(cls, box, clicks, mask: np.ndarray, low_res: torch.Tensor | None, score=None) -> SliceState:
+    def create(
+        cls, box, clicks, mask: np.ndarray, low_res: torch.Tensor | None, score=None, decode_box=None
+    ) -> SliceState:
         low = None if low_res is None else low_res.detach().to("cpu", torch.float16).clone()
-        return cls(box, tuple(clicks), np.packbits(mask, axis=None), tuple(mask.shape), low, score)
+        decode_box = None if decode_box == box else decode_box
+        return cls(box, tuple(clicks), np.packbits(mask, axis=None), tuple(mask.shape), low, score, decode_box)
 
     @property
     def mask(self) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 
 from bundle.networks.interface import PromptableNetwork
 
+from .box_scan import centred_boxes, pick_box
 from .cache import EmbeddingCache
 from .corrections import drop_rejected_components, grow_box, merge_click
 from .session import Click, InteractionSession, SliceState
@@ -191,6 +192,10 @@ class PromptedSliceInferer:
         mask_feedback: with every click, feed the slice's previous low-res logits back to the decoder
             (``mask_inputs``); ``"auto"``: where the decoding network's weights were trained for it (their
             ``trained_prompts`` include ``"mask"``).
+        box_scan: a slice prompted by clicks alone (no box, no mask) is decoded with square boxes of growing size
+            centred on its first foreground click and keeps the most stable mask (:mod:`bundle.inferers.box_scan`);
+            its other clicks then correct that mask as they would a box's. ``"auto"``: where the weights are known
+            not to be trained on points (their ``trained_prompts`` lack ``"points"``, as LiteMedSAM's do).
 
     Input volumes are ``[A, B, K]`` (grey) or ``[3, A, B, K]`` (RGB) float arrays already intensity-normalised to
     [0, 255] for their modality (the data pipeline's ``ModalityNormalize``), with slices along the last axis; a
@@ -218,6 +223,7 @@ class PromptedSliceInferer:
         grow_box: bool = True,
         remove_components: bool = False,
         mask_feedback: bool | str = "auto",
+        box_scan: bool | str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -225,6 +231,8 @@ class PromptedSliceInferer:
             raise ValueError(f"click_merge must be one of {CLICK_MERGES}, got {click_merge!r}")
         if mask_feedback not in (True, False, "auto"):
             raise ValueError(f"mask_feedback must be true, false or 'auto', got {mask_feedback!r}")
+        if box_scan not in (True, False, "auto"):
+            raise ValueError(f"box_scan must be true, false or 'auto', got {box_scan!r}")
         self.network = network
         self.batch_size = int(batch_size)
         self.cache = cache if cache is not None else EmbeddingCache()
@@ -243,6 +251,7 @@ class PromptedSliceInferer:
         self.grow_box = bool(grow_box)
         self.remove_components = bool(remove_components)
         self.mask_feedback = mask_feedback
+        self.box_scan = box_scan
         self.stats = {"encoded": 0, "decoded": 0, "encode_s": 0.0, "decode_s": 0.0}
         if box_windows is not None and not box_windows > 0:
             raise ValueError(
@@ -334,6 +343,13 @@ class PromptedSliceInferer:
         if self.mask_feedback == "auto":
             return "mask" in (getattr(self.network, "trained_prompts", None) or ())
         return bool(self.mask_feedback)
+
+    def uses_box_scan(self) -> bool:
+        """Whether a slice with clicks alone gets a box around its first foreground click (``box_scan``)."""
+        if self.box_scan == "auto":
+            trained = getattr(self.network, "trained_prompts", None)
+            return trained is not None and "points" not in trained
+        return bool(self.box_scan)
 
     @torch.no_grad()
     def decode(self, features: list[dict], prompts: list[SlicePrompt], frame: SliceFrame) -> torch.Tensor:
@@ -465,6 +481,8 @@ class PromptedSliceInferer:
         so the whole prompt is decoded once. Returns per slice its new state and slice-grid logits ``[A, B]`` that
         agree with its mask; the states are put into ``session``.
         """
+        requested = {k: prompt.box for k, prompt in jobs.items()}  # what a session's state is matched on
+        jobs = dict(jobs)
         done: dict[int, SliceState] = {}
         todo: dict[int, list] = {}  # index -> [state so far (None: none yet), clicks still to apply]
         for k, prompt in jobs.items():
@@ -472,6 +490,8 @@ class PromptedSliceInferer:
             reusable = prompt.mask is None and prompt.mask_logits is None
             state = session.get(axis, k) if reusable else None
             if state is not None and state.shape == frame.shape and state.continues(prompt.box, clicks):
+                if state.decode_box is not None:  # clicks alone, decoded with the box chosen for them
+                    jobs[k] = self._job(replace(prompt, box=state.decode_box), frame)
                 rest = state.new_clicks(clicks)
                 if not rest:
                     done[k] = state
@@ -486,8 +506,18 @@ class PromptedSliceInferer:
                 entry[0], entry[1] = None, []
         logits_of: dict[int, torch.Tensor] = {}
 
-        # the start of every slice without a usable state: its box, or its clicks up to the first foreground one
         fresh = [k for k, (state, _) in todo.items() if state is None]
+        if self.uses_box_scan():  # a slice with clicks alone: a box chosen around its first foreground click
+            for k in fresh:
+                if jobs[k].box is None and jobs[k].mask is None and jobs[k].mask_logits is None:
+                    state, row = self._scanned(jobs, k, features[k], frame, requested[k], sequential)
+                    if state is not None:
+                        todo[k][0] = state
+                        todo[k][1].remove(state.clicks[0])
+                        logits_of[k] = row
+            fresh = [k for k in fresh if todo[k][0] is None]
+
+        # the start of every other slice without a usable state: its box, or its clicks up to the first foreground one
         starts: dict[int, tuple[Click, ...]] = {}
         for k in fresh:
             clicks = _clicks(jobs[k])
@@ -501,7 +531,9 @@ class PromptedSliceInferer:
             logits, low = self.decode_low_res([features[k] for k in chunk], prompts, frame)
             for k, row, low_row in zip(chunk, logits, low):
                 mask = (row > 0).cpu().numpy()
-                todo[k][0] = SliceState.create(jobs[k].box, starts[k], mask, low_row, _score(row, mask))
+                todo[k][0] = SliceState.create(
+                    requested[k], starts[k], mask, low_row, _score(row, mask), decode_box=jobs[k].box
+                )
                 logits_of[k] = row
 
         # corrective clicks, one round at a time
@@ -524,7 +556,9 @@ class PromptedSliceInferer:
                         a, b, label = clicks[-1]
                         foreground = [(ca, cb) for ca, cb, cl in clicks if cl == 1]
                         mask = merge_click(todo[k][0].mask, candidate, (a, b), label, foreground)
-                    todo[k][0] = SliceState.create(jobs[k].box, clicks, mask, low_row, _score(row, mask))
+                    todo[k][0] = SliceState.create(
+                        requested[k], clicks, mask, low_row, _score(row, mask), decode_box=jobs[k].box
+                    )
                     logits_of[k] = _agreeing(row, mask)
         for k, (state, _) in todo.items():
             session.put(axis, k, state)
@@ -536,6 +570,30 @@ class PromptedSliceInferer:
                 logits_of[k] = _agreeing(frame.logits_to_slice(self.network.upsample_logits(low))[0], state.mask)
             out[k] = (state, logits_of[k])
         return out
+
+    def _scan(self, features, frame, point):
+        """The boxes centred on ``point``, their slice-grid and low-res logits, the most stable one's index and its
+        mask ``[A, B]`` (:mod:`bundle.inferers.box_scan`)."""
+        boxes = centred_boxes(point, frame.scale, frame.shape, self.image_size)
+        logits, low = self.decode_low_res([features] * len(boxes), [SlicePrompt(box=box) for box in boxes], frame)
+        best, mask = pick_box(logits, boxes, point)
+        return boxes, logits, low, best, mask
+
+    def _scanned(self, jobs, k, features, frame, requested_box, sequential):
+        """Choose the box of click-only slice ``k`` (``jobs[k]`` gets it); with ``sequential`` click handling also
+        return its state after the first foreground click (the chosen box's mask) and its logits ``[A, B]``."""
+        clicks = _clicks(jobs[k])
+        first = clicks[_first_foreground(clicks)]
+        point = first[:2]
+        boxes, logits, low, best, mask = self._scan(features, frame, point)
+        if not mask.any():  # no box holds the click: it stays a point prompt
+            return None, None
+        jobs[k] = self._job(replace(jobs[k], box=boxes[best]), frame)  # grown for foreground clicks outside it
+        if not sequential:
+            return None, None
+        row = _agreeing(logits[best], mask)
+        state = SliceState.create(requested_box, (first,), mask, low[best], _score(row, mask), boxes[best])
+        return state, row
 
     # ------------------------------------------------------------------------------------------------------ high level
     def segment_slice(
