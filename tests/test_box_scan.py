@@ -34,9 +34,9 @@ def test_the_crisp_mask_wins_and_a_mask_that_misses_the_click_loses():
     elsewhere = disk_logits(shape, (8, 8), 6, edge=1)
     assert stability(crisp, point) > stability(soft, point) > 0
     assert stability(elsewhere, point) == -1.0
-    best, mask = pick_box(torch.from_numpy(np.stack([soft, elsewhere, crisp])), [None] * 3, point)
+    best, mask = pick_box(torch.from_numpy(np.stack([soft, elsewhere, crisp])), point)
     assert best == 2 and mask[point] and mask.sum() == (crisp > 0).sum()
-    _, none = pick_box(torch.from_numpy(elsewhere[None]), [None], point)
+    _, none = pick_box(torch.from_numpy(elsewhere[None]), point)
     assert not none.any()
 
 

@@ -52,8 +52,8 @@ def stability(logits: np.ndarray, point: Sequence[int], offset: float = OFFSET) 
     return float((logits[region] > offset).sum() / region.sum())
 
 
-def pick_box(logits: torch.Tensor, boxes: list[tuple], point: Sequence[int]) -> tuple[int, np.ndarray]:
-    """The index of the most stable of ``boxes`` given their slice logits ``[N, A, B]``, and its mask ``[A, B]``
+def pick_box(logits: torch.Tensor, point: Sequence[int]) -> tuple[int, np.ndarray]:
+    """The index of the most stable of the boxes' slice logits ``[N, A, B]``, and its mask ``[A, B]``
     (the component of its mask that holds ``point``; empty when no box's mask holds it)."""
     rows = logits.float().cpu().numpy()
     scores = [stability(row, point) for row in rows]

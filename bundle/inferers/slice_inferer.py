@@ -576,7 +576,7 @@ class PromptedSliceInferer:
         mask ``[A, B]`` (:mod:`bundle.inferers.box_scan`)."""
         boxes = centred_boxes(point, frame.scale, frame.shape, self.image_size)
         logits, low = self.decode_low_res([features] * len(boxes), [SlicePrompt(box=box) for box in boxes], frame)
-        best, mask = pick_box(logits, boxes, point)
+        best, mask = pick_box(logits, point)
         return boxes, logits, low, best, mask
 
     def _scanned(self, jobs, k, features, frame, requested_box, sequential):
