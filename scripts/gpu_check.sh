@@ -37,7 +37,7 @@ if "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   device=cuda slow=1 batches="1 8 32 64" iterations=10 warmup=3 train=(--iterations 3 --warmup 1)
 else
   echo "gpu_check: no CUDA device here: the CUDA tests skip, the benchmarks run one small CPU iteration" | tee -a "$log" >&2
-  device=cpu slow=4 batches="1" iterations=1 warmup=1
+  device=cpu slow=4 batches="1" iterations=1 warmup=0
   train=(--iterations 1 --warmup 0 --batch-size 1 --masks-per-image 1 --interactive-iterations 0 --threads 2)
 fi
 nvidia-smi >>"$log" 2>&1 || echo "nvidia-smi: not available" >>"$log"
