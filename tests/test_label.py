@@ -341,7 +341,7 @@ def test_training_needs_a_label_to_hold_out(tmp_path, test_data_dir):
 
 
 #: two saved MR labels: the train task holds one case out for validation (train 1, validation 1)
-TRAIN = {"max_epochs": 1, "batch_size": 2, "interactive_iterations": 0, "modality": "mr"}
+TRAIN = {"max_epochs": 1, "epoch_length": 1, "batch_size": 2, "interactive_iterations": 0, "modality": "mr"}
 
 
 def test_training_that_lowers_held_out_dice_is_kept_beside_the_served_model(server, client, image_id, test_data_dir):
