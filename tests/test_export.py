@@ -170,6 +170,30 @@ def test_failed_onnx_check_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_trace_that_does_not_compute_what_the_module_does_is_refused():
+    """The export's own trace check (torch's is off): a module whose output depends on how often it ran traces a
+    constant that its next eager call does not give."""
+    from bundle.export.torchscript import _trace
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * self.calls
+
+    module, x = Counting(), torch.ones(2, 3)
+    with pytest.raises(
+        RuntimeError,
+        match=r"traced Counting output 0 differs from the network.s: shape \(2, 3\) vs \(2, 3\), max \|difference\| 1",
+    ):
+        _trace(module, (x,), module(x))
+    still = torch.nn.Linear(3, 2).eval()
+    assert torch.equal(_trace(still, (x,), still(x))(x), still(x))
+
+
 def test_tiny_vit_traces_with_any_batch(tmp_path):
     """TinyViT's own PatchMerging took the batch from len(x), which tracing froze; the backbone fixes that."""
     torch.manual_seed(0)
