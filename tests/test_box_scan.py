@@ -8,7 +8,7 @@ import torch
 from constructed import BrightObjectNet
 
 from bundle.inferers import InteractionSession, PromptedSliceInferer, SlicePrompt
-from bundle.inferers.box_scan import SIDES, centred_boxes, pick_box, stability
+from bundle.inferers.box_scan import SIDES, centred_boxes, consistency, pick_box, stability, tight_box
 
 
 def disk_logits(shape, centre, radius, edge):
@@ -38,6 +38,56 @@ def test_the_crisp_mask_wins_and_a_mask_that_misses_the_click_loses():
     assert best == 2 and mask[point] and mask.sum() == (crisp > 0).sum()
     _, none = pick_box(torch.from_numpy(elsewhere[None]), point)
     assert not none.any()
+
+
+class ReachingNet(BrightObjectNet):
+    """:class:`BrightObjectNet` whose box prompt reaches a quarter of the box's side beyond it, as SAM's masks
+    spill past a box that cuts an object: a box inside an object gives a piece that its own tight box grows."""
+
+    def decode_low_res(self, features, boxes=None, **kwargs):
+        if boxes is not None:
+            boxes = torch.as_tensor(boxes, dtype=torch.float32)
+            reach = (boxes[:, 2:] - boxes[:, :2]) / 4
+            boxes = torch.cat([boxes[:, :2] - reach, boxes[:, 2:] + reach], 1)
+        return super().decode_low_res(features, boxes=boxes, **kwargs)
+
+
+def test_tight_box_and_consistency():
+    mask = np.zeros((40, 50), bool)
+    mask[10:20, 0:30] = True
+    assert tight_box(mask, mask.shape) == (9, 0, 20, 32)  # a tenth of each extent (at least 1), clipped
+    grown = mask.copy()
+    grown[20:25, 0:30] = True
+    assert consistency(mask, mask) == 1.0 and consistency(mask, grown) == 300 / 450
+
+
+def test_of_the_masks_that_their_tight_boxes_give_back_the_most_stable_wins():
+    shape, point = (64, 64), (32, 32)
+    crisp = disk_logits(shape, point, 10, edge=1)
+    soft = disk_logits(shape, point, 14, edge=12)
+    logits = torch.from_numpy(np.stack([crisp, soft]))
+    asked = []
+
+    def answers(flags):
+        def comes_back(indices):
+            asked.append(list(indices))
+            return [flags[j] for j in indices]
+
+        return comes_back
+
+    assert pick_box(logits, point, answers([False, True]))[0] == 1  # the crisper mask did not come back: a piece
+    assert asked == [[0, 1]]  # asked most stable first
+    assert pick_box(logits, point, answers([True, True]))[0] == 0
+    assert pick_box(logits, point, answers([False, False]))[0] == 0  # none came back: the most stable of all
+
+
+def test_a_click_in_an_object_gets_the_object_not_a_piece_cut_out_by_a_small_box():
+    volume = np.full((60, 60, 1), 20.0, np.float32)
+    volume[20:40, 15:35, 0] = 200.0
+    net = ReachingNet()
+    net.trained_prompts = ("box",)
+    mask = PromptedSliceInferer(net).segment_slice(volume, 0, SlicePrompt(points=[(30, 25)], labels=[1]))
+    np.testing.assert_array_equal(mask, volume[..., 0] > 100)  # every box is crisp here: stability ties
 
 
 def test_a_click_alone_is_decoded_with_a_box_and_the_next_click_continues_it():

@@ -23,7 +23,7 @@ def test_protocol_figures_per_step_with_chart(tmp_path, test_data_dir):
     (case,) = json.loads(datalist.read_text())
     out, chart = tmp_path / "clicks.json", tmp_path / "clicks.png"
     command = [sys.executable, "scripts/evaluate_interactive.py", "--datalist", str(datalist), "--steps", "2"]
-    command += ["--points", "1", "--variant", "replace", "click_merge=replace", "--variant", "local"]
+    command += ["--points", "1", "2", "--variant", "replace", "click_merge=replace", "--variant", "local"]
     command += ["click_merge=local", "--json", str(out), "--chart", str(chart)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -43,5 +43,9 @@ def test_protocol_figures_per_step_with_chart(tmp_path, test_data_dir):
         assert summary["auc"] == pytest.approx(
             np.mean([(a + b) / 2 for a, b in zip(row["dice"], row["dice"][1:])]), abs=1e-4
         )
-        assert set(summary["points_dice"]) == {"1"}
+        assert set(summary["points_dice"]) == {"1", "2"}
+    # clicks alone with the default click handling: one click finds the nodule, and the next one (on slice 4, which
+    # propagation from the first click's slice reaches) corrects that mask instead of starting on slice 4 afresh
+    points = record["variants"]["local"]["summary"]["all"]["points_dice"]
+    assert points["1"] > 0.65 and points["2"] >= points["1"] - 0.01, points
     assert "| replace |" in run.stdout and "| local |" in run.stdout

@@ -198,6 +198,38 @@ def test_background_click_corrects_a_propagated_slice(scene):
     assert corrected.propagated and corrected.labels == [0] and corrected.stopped == "vanished"
 
 
+def test_clicks_alone_start_on_the_first_foreground_click_and_correct_other_slices(scene):
+    volume, obj, _ = scene
+    plan = plan_prompts(SHAPE, points=[[30, 60, 10], [30, 60, 13], [30, 60, 9]], point_labels=[1, 1, 1])
+    assert plan.anchor == 10 and plan_prompts(SHAPE, box=[18, 48, 8, 30, 72, 10]).anchor is None
+    mask, results = PromptedSliceInferer(BrightObjectNet()).segment_volume(volume, plan)
+    np.testing.assert_array_equal(mask, obj)
+    by_slice = {r.index: r for r in results}
+    assert not by_slice[10].propagated  # the object starts where the first foreground click is
+    for k in (9, 13):  # the later clicks correct what propagation from it brings to their slices
+        assert by_slice[k].propagated and by_slice[k].points == [(30, 60)] and by_slice[k].box is not None
+
+
+def test_a_foreground_click_beyond_where_propagation_stopped_starts_the_object_again():
+    volume, obj, _ = blobs()
+    volume[..., 12:14] = 20.0  # the object is cut: slices 12 and 13 are empty
+    truth = obj.copy()
+    truth[..., 12:14] = False
+    plan = plan_prompts(SHAPE, points=[[30, 60, 10], [30, 60, 15]], point_labels=[1, 1])
+    mask, results = PromptedSliceInferer(BrightObjectNet()).segment_volume(volume, plan)
+    np.testing.assert_array_equal(mask, truth)  # both parts: the front vanished at 12, the click on 15 restarted it
+    restarted = next(r for r in results if r.index == 15)
+    assert not restarted.propagated and restarted.points == [(30, 60)]
+    # the same below the start: going down, the front vanishes at 13, the click on 8 restarts it, upwards again to 11
+    volume, obj, _ = blobs()
+    volume[..., 11:13] = 20.0
+    truth = obj.copy()
+    truth[..., 11:13] = False
+    plan = plan_prompts(SHAPE, points=[[30, 60, 14], [30, 60, 8]], point_labels=[1, 1])
+    mask, _ = PromptedSliceInferer(BrightObjectNet()).segment_volume(volume, plan)
+    np.testing.assert_array_equal(mask, truth)
+
+
 def test_bad_click_settings():
     with pytest.raises(ValueError, match="click_merge"):
         PromptedSliceInferer(BrightObjectNet(), click_merge="union")

@@ -22,9 +22,9 @@ import torch
 
 from bundle.networks.interface import PromptableNetwork
 
-from .box_scan import centred_boxes, pick_box
+from .box_scan import MIN_CONSISTENCY, centred_boxes, consistency, pick_box, tight_box
 from .cache import EmbeddingCache
-from .corrections import drop_rejected_components, grow_box, merge_click
+from .corrections import component_at, drop_rejected_components, grow_box, merge_click
 from .session import Click, InteractionSession, SliceState
 from .volume_prompts import PromptPlan, SlicePrompt
 from .windows import BoxWindowInferer
@@ -572,11 +572,19 @@ class PromptedSliceInferer:
         return out
 
     def _scan(self, features, frame, point):
-        """The boxes centred on ``point``, their slice-grid and low-res logits, the most stable one's index and its
-        mask ``[A, B]`` (:mod:`bundle.inferers.box_scan`)."""
+        """The boxes centred on ``point``, their slice-grid and low-res logits, the chosen one's index and its
+        mask ``[A, B]`` (:mod:`bundle.inferers.box_scan`: one batched decode of the boxes, then of the tight boxes
+        of their most stable masks, a few at a time, until one comes back)."""
         boxes = centred_boxes(point, frame.scale, frame.shape, self.image_size)
         logits, low = self.decode_low_res([features] * len(boxes), [SlicePrompt(box=box) for box in boxes], frame)
-        best, mask = pick_box(logits, point)
+
+        def comes_back(indices: list[int]) -> list[bool]:
+            masks = [component_at(logits[j].float().cpu().numpy() > 0, point) for j in indices]
+            tight = [SlicePrompt(box=tight_box(mask, frame.shape)) for mask in masks]
+            again, _ = self.decode_low_res([features] * len(tight), tight, frame)
+            return [consistency(m, (row > 0).cpu().numpy()) >= MIN_CONSISTENCY for m, row in zip(masks, again)]
+
+        best, mask = pick_box(logits, point, comes_back)
         return boxes, logits, low, best, mask
 
     def _scanned(self, jobs, k, features, frame, requested_box, sequential):
@@ -690,7 +698,12 @@ class PromptedSliceInferer:
         sweep(tracks, direction=1, with_seeds=True)  # the seeds, and propagation upwards from the lowest ones
         propagating = [t for t in tracks if t.plan.propagate]
         if propagating:
+            restarted = {t.index: len(t.restarted) for t in propagating}
             sweep(propagating, direction=-1, with_seeds=False)  # propagation downwards from the highest seeds
+            # an object restarted on the way down: upwards again from there, into the slices below where it vanished
+            again = [t for t in propagating if len(t.restarted) > restarted[t.index]]
+            if again:
+                sweep(again, direction=1, with_seeds=False)
         if self.remove_components:
             for track in tracks:
                 self._remove_rejected(track, canvas)
@@ -702,8 +715,9 @@ class PromptedSliceInferer:
         canvas.paint(result.index, row, logits, track)
 
     def _decode_seeds(self, track, slices: list[int], features: dict, canvas, frame, axis: int) -> None:
-        """Decode one object's explicit prompts on ``slices`` (batched), its clicks applied in order."""
-        jobs = {k: self._job(track.seeds[k], frame) for k in slices}
+        """Decode one object's explicit prompts on ``slices`` (batched, seeds or restarts), its clicks applied in
+        order."""
+        jobs = {k: self._job(track.seeds.get(k) or track.corrections[k], frame) for k in slices}
         for k, (state, logits) in sorted(self.settle(jobs, features, frame, axis, track.session).items()):
             job, row = jobs[k], state.mask
             result = SliceResult(k, job.box, list(job.points), list(job.labels), int(row.sum()), score=state.score)
@@ -767,7 +781,7 @@ class PromptedSliceInferer:
         num = volume.shape[-1]
         step = self.batch_size  # fixed here: _encode may lower self.batch_size on out-of-memory
         pending = {t.index: set(t.seeds) if with_seeds else set() for t in tracks}
-        begins = {t.index: (min(t.seeds) if direction > 0 else max(t.seeds)) for t in tracks}
+        begins = {t.index: (min if direction > 0 else max)([*t.seeds, *t.restarted]) for t in tracks}
         fronts: dict[int, tuple | None] = {}  # object index -> the box for its next slice (None: vanished)
         done = {t.index for t in tracks if not t.plan.propagate}
         window: dict[int, dict] = {}  # encoded slices ahead of the fronts
@@ -801,7 +815,7 @@ class PromptedSliceInferer:
         for k in range(first, num if direction > 0 else -1, direction):
             if any(k in p for p in pending.values()) and k not in window:
                 window = fill_window(k)
-            todo = []
+            todo, restart = [], []
             for t in tracks:
                 if not started(t, k):
                     continue
@@ -811,13 +825,19 @@ class PromptedSliceInferer:
                     fronts[t.index] = t.boxes[k]
                 elif fronts[t.index] is not None:
                     todo.append(t)
-                elif not any((s - k) * direction > 0 for s in t.seeds):
+                elif k in t.restarts:  # vanished before a foreground correction: it starts the object again
+                    restart.append(t)
+                elif not any((s - k) * direction > 0 for s in [*t.seeds, *t.restarts]):
                     done.add(t.index)  # vanished, and no seed ahead to restart from
-            if todo:
+            if todo or restart:
                 if k not in window:
                     window = fill_window(k)
                 for t in todo:
                     fronts[t.index] = self._propagate_to(volume, t, k, fronts[t.index], window[k], canvas, frame, axis)
+                for t in restart:
+                    self._decode_seeds(t, [k], window, canvas, frame, axis)
+                    t.restarted.append(k)
+                    fronts[t.index] = t.boxes[k]
             elif len(done) == len(tracks) and not any(pending.values()):
                 return
 
@@ -834,10 +854,18 @@ class _Track:
     boxes: dict[int, tuple | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # a slice with background clicks only (no box, no mask) corrects what propagation brings to it
-        self.corrections = {
-            k: s for k, s in self.plan.seeds.items() if s.box is None and s.mask is None and 1 not in s.labels
-        }
+        # a slice with clicks only (no box, no mask) corrects what propagation brings to it when its clicks are all
+        # background ones, or when the object starts on another slice (the plan's anchor); a slice with a foreground
+        # click among these restarts a front that vanished before it
+        anchor = self.plan.anchor
+
+        def corrects(k: int, seed: SlicePrompt) -> bool:
+            unanchored = seed.box is None and seed.mask is None
+            return unanchored and (1 not in seed.labels or anchor is not None and k != anchor)
+
+        self.corrections = {k: s for k, s in self.plan.seeds.items() if corrects(k, s)}
+        self.restarts = [k for k, s in self.corrections.items() if 1 in s.labels]
+        self.restarted: list[int] = []  # the restarts decoded so far
         self.seeds = {k: s for k, s in self.plan.seeds.items() if k not in self.corrections}
         if not self.seeds:
             raise ValueError(

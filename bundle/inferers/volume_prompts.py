@@ -48,6 +48,9 @@ class PromptPlan:
     propagate: bool
     axis: int  # non-negative array axis (of the spatial shape) the slices are taken along
     num_slices: int
+    #: clicks alone: the slice of the first foreground click, where the object starts; the clicks on other slices
+    #: correct what propagation from it brings there
+    anchor: int | None = None
 
     @property
     def seed_range(self) -> tuple[int, int]:
@@ -252,8 +255,12 @@ def _plan(shape, is_2d, box, slice_box, slice_index, points, point_labels, axis)
             seed.labels.append(label)
         if not any(seed.box is not None or 1 in seed.labels for seed in seeds.values()):
             raise ValueError("only background clicks: add a foreground click (label 1) or a box")
-        # a slice with background clicks only corrects the mask that propagation brings to it
-    return PromptPlan(seeds=dict(sorted(seeds.items())), propagate=propagate, axis=axis, num_slices=shape[axis])
+    anchor = None
+    if has_points and not (has_box or has_slice_box):
+        anchor = next(p[axis] for p, label in zip(pts, labels) if label == 1)
+    return PromptPlan(
+        seeds=dict(sorted(seeds.items())), propagate=propagate, axis=axis, num_slices=shape[axis], anchor=anchor
+    )
 
 
 def _as_list(name: str, value: Any) -> list:
