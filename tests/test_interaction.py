@@ -208,6 +208,11 @@ def test_clicks_alone_start_on_the_first_foreground_click_and_correct_other_slic
     assert not by_slice[10].propagated  # the object starts where the first foreground click is
     for k in (9, 13):  # the later clicks correct what propagation from it brings to their slices
         assert by_slice[k].propagated and by_slice[k].points == [(30, 60)] and by_slice[k].box is not None
+    # the same with a slice box: the object starts on the box's slice
+    plan = plan_prompts(SHAPE, slice_box=[18, 48, 42, 72], slice_index=10, points=[[30, 60, 13]], point_labels=[1])
+    mask, results = PromptedSliceInferer(BrightObjectNet()).segment_volume(volume, plan)
+    np.testing.assert_array_equal(mask, obj)
+    assert next(r for r in results if r.index == 13).propagated
 
 
 def test_a_foreground_click_beyond_where_propagation_stopped_starts_the_object_again():

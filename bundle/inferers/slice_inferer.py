@@ -855,13 +855,16 @@ class _Track:
 
     def __post_init__(self) -> None:
         # a slice with clicks only (no box, no mask) corrects what propagation brings to it when its clicks are all
-        # background ones, or when the object starts on another slice (the plan's anchor); a slice with a foreground
-        # click among these restarts a front that vanished before it
+        # background ones, or when the object starts elsewhere: on a slice with a box or a mask, or on the first
+        # foreground click's slice (the plan's anchor); a foreground click among these restarts a front that
+        # vanished before it
         anchor = self.plan.anchor
+        framed = any(s.box is not None or s.mask is not None for s in self.plan.seeds.values())
 
         def corrects(k: int, seed: SlicePrompt) -> bool:
-            unanchored = seed.box is None and seed.mask is None
-            return unanchored and (1 not in seed.labels or anchor is not None and k != anchor)
+            if seed.box is not None or seed.mask is not None:
+                return False
+            return 1 not in seed.labels or framed or anchor is not None and k != anchor
 
         self.corrections = {k: s for k, s in self.plan.seeds.items() if corrects(k, s)}
         self.restarts = [k for k, s in self.corrections.items() if 1 in s.labels]
