@@ -3,14 +3,14 @@
 Box-trained weights (LiteMedSAM) were never shown a click without a box: decoded as a point prompt it gives a mask of
 a few pixels. They do segment whatever object a box frames, so a click alone is decoded with a range of square boxes
 centred on it (:data:`SIDES`, network pixels) in one batched decode. Each box's mask (the component holding the
-click) can be decoded again with its own tight box (:func:`tight_box`): a mask of an object comes back (intersection over union at least :data:`MIN_CONSISTENCY`), a blob cut out of a larger object or of
-the background by a box too small or too large mostly does not. Of the masks that come back, the one with the
-highest stability score is kept (of all masks when none comes back); the masks are checked most stable first, a few
-per batched decode, until one comes back. The stability score is SAM's (its automatic mask
-generator's): the area above logit ``+offset`` over the area above ``-offset``; a box that cuts through an object or
-frames mostly background gives soft edges, a box around the object gives a crisp one. Sizes, offset, the component
-rule and the consistency bound were chosen on the tuning images (docs/benchmarks.md), not on the images the figures
-come from.
+click) can be decoded again with its own tight box (:func:`tight_box`): a mask of an object comes back (intersection
+over union at least :data:`MIN_CONSISTENCY`), a blob cut out of a larger object or of the background by a box too
+small or too large mostly does not. Of the masks that come back, the one with the highest stability score is kept
+(of all masks when none comes back); the masks are checked most stable first, a few per batched decode, until one
+comes back. The stability score is SAM's (its automatic mask generator's): the area above logit ``+offset`` over
+the area above ``-offset``; a box that cuts through an object or frames mostly background gives soft edges, a box
+around the object gives a crisp one. Sizes, offset, the component rule and the consistency bound were chosen on the
+tuning images (docs/benchmarks.md), not on the images the figures come from.
 """
 
 from __future__ import annotations
