@@ -340,7 +340,7 @@ def parse_variant(values: list[str]) -> tuple[str, dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datalist", help="JSON list of {image, label, modality, dataset} (2D images or volumes)")
-    parser.add_argument("--volumes", help="folder of the real scans (<case>_image.nrrd, <case>_label.nrrd)")
+    parser.add_argument("--volumes", help="folder of the real scans (<case>_image.nrrd or .nii.gz, <case>_label...)")
     parser.add_argument(
         "--cases", nargs="*", help=f"cases of --volumes: {', '.join(VOLUME_CASES)} (default {' '.join(DEFAULT_CASES)})"
     )

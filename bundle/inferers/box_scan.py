@@ -82,24 +82,25 @@ def consistency(mask: np.ndarray, again: np.ndarray) -> float:
 
 
 def pick_box(
-    logits: torch.Tensor, point: Sequence[int], comes_back: Callable[[list[int]], list[bool]] | None = None
+    logits: torch.Tensor, point: Sequence[int], comes_back: Callable[[list[np.ndarray]], list[bool]] | None = None
 ) -> tuple[int, np.ndarray]:
     """The index of the most stable of the boxes' slice logits ``[N, A, B]`` whose mask comes back from its tight
     box (the most stable of all when none does, or without ``comes_back``), and its mask ``[A, B]`` (the component
     of its mask that holds ``point``; empty when no box's mask holds it).
 
-    ``comes_back(indices)`` says for each index whether its mask comes back; it is asked in order of stability,
-    :data:`CHECKED_AT_ONCE` at a time, until one does (a decode per call: most clicks need one)."""
+    ``comes_back(masks)`` says for each mask ``[A, B]`` whether it comes back; it is asked in order of stability,
+    :data:`CHECKED_AT_ONCE` masks at a time, until one does (a decode per call: most clicks need one)."""
     rows = logits.float().cpu().numpy()
     scores = [stability(row, point) for row in rows]
     order = [j for j in sorted(range(len(rows)), key=lambda j: -scores[j]) if scores[j] >= 0]
     if not order:
         return 0, np.zeros(rows.shape[1:], dtype=bool)
-    best = order[0]
+    masks = {}
     for begin in range(0, len(order) if comes_back is not None else 0, CHECKED_AT_ONCE):
         chunk = order[begin : begin + CHECKED_AT_ONCE]
-        back = [j for j, ok in zip(chunk, comes_back(chunk)) if ok]
+        masks.update((j, component_at(rows[j] > 0, point)) for j in chunk)
+        back = [j for j, ok in zip(chunk, comes_back([masks[j] for j in chunk])) if ok]
         if back:
-            best = back[0]
-            break
-    return best, component_at(rows[best] > 0, point)
+            return back[0], masks[back[0]]
+    best = order[0]
+    return best, masks[best] if best in masks else component_at(rows[best] > 0, point)

@@ -24,7 +24,7 @@ from bundle.networks.interface import PromptableNetwork
 
 from .box_scan import MIN_CONSISTENCY, centred_boxes, consistency, pick_box, tight_box
 from .cache import EmbeddingCache
-from .corrections import component_at, drop_rejected_components, grow_box, merge_click
+from .corrections import drop_rejected_components, grow_box, merge_click
 from .session import Click, InteractionSession, SliceState
 from .volume_prompts import PromptPlan, SlicePrompt
 from .windows import BoxWindowInferer
@@ -578,8 +578,7 @@ class PromptedSliceInferer:
         boxes = centred_boxes(point, frame.scale, frame.shape, self.image_size)
         logits, low = self.decode_low_res([features] * len(boxes), [SlicePrompt(box=box) for box in boxes], frame)
 
-        def comes_back(indices: list[int]) -> list[bool]:
-            masks = [component_at(logits[j].float().cpu().numpy() > 0, point) for j in indices]
+        def comes_back(masks: list[np.ndarray]) -> list[bool]:
             tight = [SlicePrompt(box=tight_box(mask, frame.shape)) for mask in masks]
             again, _ = self.decode_low_res([features] * len(tight), tight, frame)
             return [consistency(m, (row > 0).cpu().numpy()) >= MIN_CONSISTENCY for m, row in zip(masks, again)]
